@@ -1,0 +1,25 @@
+# The two commands of README: `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast lint bundles
+
+setup:
+	@bash scripts/setup_env.sh $(VENV)
+
+demo: setup
+	$(VENV)/bin/volseg demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check volseg tests scripts
+	$(VENV)/bin/ruff format --check volseg tests scripts
+	$(VENV)/bin/mypy volseg
+
+bundles: setup
+	$(VENV)/bin/volseg export-bundles
