@@ -1,0 +1,578 @@
+"""MONAI bundles: the configs volseg writes from a recipe, and the files of a finished run.
+
+A training run directory *is* a bundle::
+
+    RUN/configs/metadata.json      valid against MONAI's 2024-07-25 bundle schema
+    RUN/configs/inference.json     image in, pred out; only MONAI and torch targets (or scripts/)
+    RUN/configs/train.json         MONAI Label conventions: network, train#trainer, train#handlers, ...
+    RUN/configs/logging.conf
+    RUN/configs/volseg_recipe.yaml the resolved recipe (read by volseg, ignored by MONAI)
+    RUN/models/model.pt            best weights (state dict); model.ts (TorchScript)
+    RUN/docs/README.md, RUN/LICENSE
+    RUN/checkpoints/, RUN/logs/    volseg's resumable checkpoints and TensorBoard events
+
+The transform chains, network and inferer in these configs come from :mod:`volseg.data.transforms` and
+:mod:`volseg.nets`: the same components volseg instantiates itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from volseg import __version__
+from volseg.data import transforms as T
+from volseg.errors import UserError
+from volseg.nets import NETWORKS, network_config
+from volseg.recipe import CTIntensity, Recipe, dump_recipe
+
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+RECIPE_FILE = "configs/volseg_recipe.yaml"
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+LICENSE_TEXT = """Copyright (c) {authors}
+
+Licensed under the Apache License, Version 2.0 (the "License"); you may not use the files of this bundle except
+in compliance with the License. You may obtain a copy of the License at
+
+    http://www.apache.org/licenses/LICENSE-2.0
+
+Unless required by applicable law or agreed to in writing, software distributed under the License is distributed
+on an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for
+the specific language governing permissions and limitations under the License.
+
+The weights in models/ were trained on the data described in docs/README.md; check that data's licence before use.
+"""
+
+DEVICE_EXPR = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
+
+
+def _compose(transforms: list[dict[str, Any]] | str) -> dict[str, Any]:
+    return {"_target_": "Compose", "transforms": transforms}
+
+
+def inference_preprocessing(recipe: Recipe) -> list[dict[str, Any]]:
+    """The inference preprocessing as written into a bundle.
+
+    MONAI Label 0.8.5 adds an ``image_path`` string to the data dictionary before running a bundle's
+    preprocessing; MONAI >= 1.6's ``Spacingd`` then fails on it. Selecting the ``image`` key first keeps the
+    chain working there and changes nothing for ``monai.bundle run``.
+    """
+    return T.infer_preprocessing(recipe)
+
+
+def inference_config(recipe: Recipe, dataset_dir: str = "/workspace/data") -> dict[str, Any]:
+    """configs/inference.json: segments every NIfTI in ``dataset_dir`` into ``output_dir``."""
+    spec = NETWORKS[recipe.model.name]
+    post = T.infer_postprocessing(recipe) + [
+        {
+            "_target_": "SaveImaged",
+            "keys": "pred",
+            "output_dir": "@output_dir",
+            "output_postfix": "seg",
+            "output_dtype": "$numpy.uint8",
+            "resample": False,
+            "separate_folder": False,
+            "squeeze_end_dims": True,
+        }
+    ]
+    cfg: dict[str, Any] = {
+        "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": dataset_dir,
+        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))",
+        "device": DEVICE_EXPR,
+        "network_def": network_config(
+            recipe.model.name,
+            recipe.model.spatial_dims,
+            recipe.model.in_channels,
+            recipe.num_classes,
+            recipe.model.args,
+            for_inference=True,
+        ),
+        "network": "$@network_def.to(@device)",
+        "preprocessing": _compose(inference_preprocessing(recipe)),
+        "dataset": {
+            "_target_": "Dataset",
+            "data": "$[{'image': i} for i in @datalist]",
+            "transform": "@preprocessing",
+        },
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": 0,
+        },
+        "inferer": T.sliding_window(recipe),
+        "postprocessing": _compose(post),
+        "handlers": [
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "$@bundle_root + '/models/model.pt'",
+                "load_dict": {"model": "@network"},
+                "map_location": "@device",
+            },
+            {"_target_": "StatsHandler", "iteration_log": False},
+        ],
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@network",
+            "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers",
+            "amp": "$torch.cuda.is_available()",
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+    }
+    if spec.needs_scripts:
+        cfg["imports"].append("$import scripts")
+    return cfg
+
+
+def _loss(recipe: Recipe) -> dict[str, Any]:
+    loss = recipe.train.loss
+    lam_dice, lam_ce = {"dice_ce": (loss.lambda_dice, loss.lambda_ce), "dice": (1.0, 0.0), "ce": (0.0, 1.0)}[loss.name]
+    base = {
+        "_target_": "DiceCELoss",
+        "to_onehot_y": True,
+        "softmax": True,
+        "squared_pred": False,
+        "lambda_dice": lam_dice,
+        "lambda_ce": lam_ce,
+    }
+    if NETWORKS[recipe.model.name].deep_supervision:
+        ds: dict[str, Any] = {"_target_": "DeepSupervisionLoss", "loss": base, "weight_mode": "exp"}
+        if loss.deep_supervision_weights:
+            ds["weights"] = loss.deep_supervision_weights
+        return ds
+    return base
+
+
+def _optimizer(recipe: Recipe) -> dict[str, Any]:
+    o = recipe.train.optimizer
+    target = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"}[o.name]
+    cfg: dict[str, Any] = {"_target_": target, "params": "$@network.parameters()", "lr": o.lr}
+    cfg["weight_decay"] = o.weight_decay
+    if o.name == "sgd":
+        cfg.update({"momentum": o.momentum, "nesterov": True})
+    return cfg
+
+
+def _scheduler(recipe: Recipe) -> dict[str, Any] | None:
+    s = recipe.train.scheduler
+    epochs = recipe.train.max_epochs
+    if s.name == "none":
+        return None
+    if s.name == "poly":
+        return {"_target_": "torch.optim.lr_scheduler.PolynomialLR", "optimizer": "@optimizer",
+                "total_iters": epochs, "power": s.power}  # fmt: skip
+    if s.name == "cosine":
+        return {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
+                "T_max": epochs, "eta_min": s.min_lr}  # fmt: skip
+    if s.name == "multistep":
+        return {"_target_": "torch.optim.lr_scheduler.MultiStepLR", "optimizer": "@optimizer",
+                "milestones": s.milestones, "gamma": s.gamma}  # fmt: skip
+    return {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "optimizer": "@optimizer", "mode": "max",
+            "factor": s.gamma, "patience": s.patience, "min_lr": s.min_lr}  # fmt: skip
+
+
+def _case_list(name: str) -> str:
+    return f"$[{{k: os.path.join(@dataset_dir, v) for k, v in c.items()}} for c in @{name}]"
+
+
+def train_config(
+    recipe: Recipe,
+    dataset_dir: str = "/workspace/data",
+    train_cases: list[dict[str, str]] | None = None,
+    val_cases: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """configs/train.json in MONAI Label's conventions.
+
+    Case paths are stored relative to ``dataset_dir`` in ``train_cases`` and ``val_cases``; MONAI Label replaces
+    ``train#dataset#data`` and ``validate#dataset#data`` with its own lists.
+    """
+    t = recipe.train
+    n = recipe.num_classes
+    cache = recipe.data.cache
+    loss_only = "$monai.handlers.from_engine(['loss'], first=True)"
+    pred_label = "$monai.handlers.from_engine(['pred', 'label'])"
+
+    def dataset(split: str, transform: str) -> dict[str, Any]:
+        data = _case_list(f"{split}_cases")
+        if cache.kind == "memory":
+            return {"_target_": "CacheDataset", "data": data, "transform": transform,
+                    "cache_rate": cache.rate, "num_workers": t.num_workers}  # fmt: skip
+        if cache.kind == "persistent":
+            return {"_target_": "PersistentDataset", "data": data, "transform": transform,
+                    "cache_dir": "$@bundle_root + '/cache'"}  # fmt: skip
+        return {"_target_": "Dataset", "data": data, "transform": transform}
+
+    train_handlers: list[dict[str, Any]] = [
+        {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+         "interval": "@val_interval"},
+        {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": loss_only, "iteration_log": False},
+        {"_target_": "TensorBoardStatsHandler", "log_dir": "@log_dir", "tag_name": "train_loss",
+         "output_transform": loss_only},
+    ]  # fmt: skip
+    sched = _scheduler(recipe)
+    val_handlers: list[dict[str, Any]] = [
+        {"_target_": "StatsHandler", "iteration_log": False},
+        {"_target_": "TensorBoardStatsHandler", "log_dir": "@log_dir", "iteration_log": False},
+        {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
+         "save_key_metric": True, "key_metric_filename": "model.pt"},
+    ]  # fmt: skip
+    if sched is not None:
+        if recipe.train.scheduler.name == "plateau":
+            step = "$lambda engine: engine.state.metrics['val_mean_dice']"
+            val_handlers.append({"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "step_transform": step})  # noqa: E501
+        else:
+            train_handlers.insert(0, {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler",
+                                      "print_lr": False})  # fmt: skip
+
+    cfg: dict[str, Any] = {
+        "imports": ["$import glob", "$import os", "$import ignite", "$import torch", "$import monai"],
+        "bundle_root": ".",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "log_dir": "$@bundle_root + '/logs'",
+        "dataset_dir": dataset_dir,
+        "train_cases": train_cases or [],
+        "val_cases": val_cases or [],
+        "val_interval": t.val_interval,
+        "device": DEVICE_EXPR,
+        "network_def": network_config(
+            recipe.model.name, recipe.model.spatial_dims, recipe.model.in_channels, n, recipe.model.args
+        ),
+        "network": "$@network_def.to(@device)",
+        "loss": _loss(recipe),
+        "optimizer": _optimizer(recipe),
+        "train": {
+            "deterministic_transforms": T.preprocessing(recipe, with_label=True),
+            "random_transforms": T.train_sampling(recipe),
+            "preprocessing": _compose("$@train#deterministic_transforms + @train#random_transforms"),
+            "dataset": dataset("train", "@train#preprocessing"),
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@train#dataset",
+                "batch_size": t.batch_size,
+                "shuffle": True,
+                "num_workers": t.num_workers,
+            },  # fmt: skip
+            "inferer": {"_target_": "SimpleInferer"},
+            "handlers": train_handlers,
+            "trainer": {
+                "_target_": "SupervisedTrainer",
+                "max_epochs": t.max_epochs,
+                "device": "@device",
+                "train_data_loader": "@train#dataloader",
+                "network": "@network",
+                "loss_function": "@loss",
+                "optimizer": "@optimizer",
+                "inferer": "@train#inferer",
+                "train_handlers": "@train#handlers",
+                "amp": f"$torch.cuda.is_available() and {t.amp}",
+            },
+        },
+        "validate": {
+            "preprocessing": _compose(T.val_transforms(recipe)),
+            "dataset": dataset("val", "@validate#preprocessing"),
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@validate#dataset",
+                "batch_size": 1,
+                "shuffle": False,
+                "num_workers": min(t.num_workers, 2),
+            },  # fmt: skip
+            "inferer": T.sliding_window(recipe),
+            "postprocessing": _compose(
+                [
+                    {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                    {
+                        "_target_": "AsDiscreted",
+                        "keys": ["pred", "label"],
+                        "argmax": [True, False],
+                        "to_onehot": n,
+                    },  # fmt: skip
+                ]
+            ),
+            "handlers": val_handlers,
+            "key_metric": {
+                "val_mean_dice": {
+                    "_target_": "MeanDice",
+                    "include_background": False,
+                    "output_transform": pred_label,
+                },  # fmt: skip
+            },
+            "additional_metrics": {
+                "val_dice": {
+                    "_target_": "MeanDice",
+                    "include_background": False,
+                    "reduction": "mean_batch",
+                    "output_transform": pred_label,
+                },
+                "val_iou": {
+                    "_target_": "MeanIoUHandler",
+                    "include_background": False,
+                    "reduction": "mean_batch",
+                    "output_transform": pred_label,
+                },
+            },  # fmt: skip
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@validate#dataloader",
+                "network": "@network",
+                "inferer": "@validate#inferer",
+                "postprocessing": "@validate#postprocessing",
+                "key_val_metric": "@validate#key_metric",
+                "additional_metrics": "@validate#additional_metrics",
+                "val_handlers": "@validate#handlers",
+                "amp": f"$torch.cuda.is_available() and {t.amp}",
+            },
+        },
+        "initialize": [f"$monai.utils.set_determinism(seed={t.seed})"],
+        "run": ["$@train#trainer.run()"],
+    }
+    if sched is not None:
+        cfg["lr_scheduler"] = sched
+    if NETWORKS[recipe.model.name].deep_supervision:
+        # Validation reads the last head of the deep-supervision outputs.
+        cfg["imports"].append("$import scripts")
+        cfg["validate"]["network"] = "$scripts.nets.LastHeadView(@network)"
+        cfg["validate"]["evaluator"]["network"] = "@validate#network"
+    return cfg
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in (
+        "monai",
+        "torch",
+        "numpy",
+        "pytorch-ignite",
+        "nibabel",
+        "SimpleITK",
+        "itk",
+        "pydicom",
+        "pyyaml",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_source: str = "") -> dict[str, Any]:
+    """configs/metadata.json, valid against MONAI's 2024-07-25 bundle metadata schema."""
+    v = _versions()
+    names = recipe.data.label_names
+    nd = recipe.model.spatial_dims
+    depth = NETWORKS[recipe.model.name].depth(recipe.model.args)
+    shape = [f"{2**depth}*n"] * nd
+    ct = isinstance(recipe.data.intensity, CTIntensity)
+    fmt = "hounsfield" if ct else "magnitude"
+    window = (
+        f"CT window [{recipe.data.intensity.a_min:g}, {recipe.data.intensity.a_max:g}] HU scaled to [0, 1]"  # type: ignore[union-attr]
+        if ct
+        else "z-score normalised over the foreground"
+    )
+    spacing = " x ".join(f"{s:g}" for s in recipe.data.spacing)
+    return {
+        "schema": SCHEMA_URL,
+        "version": recipe.version,
+        "changelog": {recipe.version: f"trained with volseg {__version__}"},
+        "monai_version": v.get("monai", ""),
+        "pytorch_version": v.get("torch", "").split("+")[0],
+        "numpy_version": v.get("numpy", ""),
+        "required_packages_version": {k: v[k] for k in ("nibabel", "pytorch-ignite", "pyyaml") if k in v},
+        "supported_apps": {"volseg": __version__},
+        "name": recipe.name,
+        "task": recipe.description or f"{recipe.name} segmentation",
+        "description": (
+            f"{recipe.model.name} ({nd}D) segmenting {', '.join(names[1:])} on {recipe.data.modality}. "
+            f"Images are reoriented to {recipe.data.orientation}, resampled to {spacing} mm, {window}; "
+            "predictions are returned on the input grid."
+        ),
+        "authors": recipe.authors,
+        "copyright": f"Copyright (c) {recipe.authors}",
+        "data_source": data_source or "see docs/README.md",
+        "data_type": "nibabel",
+        "image_classes": f"single channel {recipe.data.modality} image, {window}",
+        "label_classes": "; ".join(f"{i}: {n}" for i, n in enumerate(names)),
+        "pred_classes": "; ".join(f"{i}: {n}" for i, n in enumerate(names)),
+        "eval_metrics": dict(metrics or {}),
+        "intended_use": "Research use only; not for clinical diagnosis.",
+        "references": [
+            "Ronneberger O, Fischer P, Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
+            "MICCAI 2015."
+        ],
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": fmt,
+                    "modality": recipe.data.modality,
+                    "num_channels": recipe.model.in_channels,
+                    "spatial_shape": shape,
+                    "dtype": "float32",
+                    "value_range": [0, 1] if ct else [-5, 5],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": recipe.num_classes,
+                    "spatial_shape": shape,
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {str(i): n for i, n in enumerate(names)},
+                }
+            },
+        },
+    }
+
+
+def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: str) -> str:
+    names = recipe.data.label_names
+    lines = [
+        f"# {recipe.name}",
+        "",
+        recipe.description or f"Segmentation of {', '.join(names[1:])} on {recipe.data.modality}.",
+        "",
+        "## What it segments",
+        "",
+        "| value | label |",
+        "| --- | --- |",
+        *[f"| {i} | {n} |" for i, n in enumerate(names)],
+        "",
+        "## Model and preprocessing",
+        "",
+        f"- Network: `{recipe.model.name}` ({recipe.model.spatial_dims}D), "
+        f"{recipe.model.in_channels} input channel(s), {recipe.num_classes} output channels.",
+        f"- Orientation {recipe.data.orientation}, spacing {list(recipe.data.spacing)} mm, "
+        f"intensity: {recipe.data.intensity.model_dump() if recipe.data.intensity else 'none'}.",
+        f"- Sliding window {list(recipe.roi_size)}, overlap {recipe.infer.overlap}, {recipe.infer.blend} blending; "
+        "predictions are resampled back to the input grid.",
+        "",
+        "## Training data",
+        "",
+        data_note
+        or "Not trained yet: this bundle holds the configs generated from the recipe; weights come from "
+        "`volseg train`.",
+        "",
+        "## Measured metrics (validation)",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |", *[f"| {k} | {v:.4f} |" for k, v in metrics.items()]]
+    else:
+        lines.append("None yet.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```",
+        "python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\",
+        "    --dataset_dir /path/to/niftis --output_dir /path/to/out",
+        "volseg infer scan.nii.gz --bundle .",
+        "```",
+        "",
+        "Generated by volseg from the recipe in configs/volseg_recipe.yaml.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=4) + "\n")
+
+
+def write_bundle_configs(
+    recipe: Recipe,
+    bundle_dir: str | Path,
+    *,
+    dataset_dir: str | None = None,
+    train_cases: list[dict[str, str]] | None = None,
+    val_cases: list[dict[str, str]] | None = None,
+    metrics: dict[str, float] | None = None,
+    data_note: str = "",
+) -> Path:
+    """Write everything of a bundle but the weights: configs, scripts/, docs, LICENSE."""
+    root = Path(bundle_dir)
+    ddir = dataset_dir or "/workspace/data"
+    _write_json(root / "configs" / "metadata.json", metadata(recipe, metrics, data_note))
+    _write_json(root / "configs" / "inference.json", inference_config(recipe))
+    _write_json(root / "configs" / "train.json", train_config(recipe, ddir, train_cases, val_cases))
+    _write_text(root / "configs" / "logging.conf", LOGGING_CONF)
+    _write_text(root / RECIPE_FILE, dump_recipe(recipe))
+    _write_text(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
+    _write_text(root / "LICENSE", LICENSE_TEXT.format(authors=recipe.authors))
+    if NETWORKS[recipe.model.name].needs_scripts:
+        scripts = root / "scripts"
+        scripts.mkdir(parents=True, exist_ok=True)
+        src = Path(__file__).parent / "bundle_scripts"
+        for name in ("__init__.py", "nets.py"):
+            shutil.copyfile(src / name, scripts / name)
+    return root
+
+
+def update_bundle_metrics(recipe: Recipe, bundle_dir: str | Path, metrics: dict[str, float], data_note: str) -> None:
+    """Record a finished run's metrics and data in metadata.json and docs/README.md."""
+    root = Path(bundle_dir)
+    _write_json(root / "configs" / "metadata.json", metadata(recipe, metrics, data_note))
+    _write_text(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
+
+
+def read_bundle_recipe(bundle_dir: str | Path) -> Recipe:
+    """The recipe a volseg bundle was made from."""
+    from volseg.recipe import load_recipe
+
+    path = Path(bundle_dir) / RECIPE_FILE
+    if not path.is_file():
+        raise UserError(f"not a volseg bundle: {RECIPE_FILE} is missing", bundle_dir)
+    return load_recipe(path)

@@ -1,0 +1,154 @@
+"""Datalists: which image goes with which label, and the deterministic train/validation split.
+
+Three sources are understood:
+
+- an MSD-style folder with ``dataset.json`` (``training``: list of ``{"image", "label"}``, paths relative to the
+  folder), as in the Medical Segmentation Decathlon;
+- a folder with ``images/`` and ``labels/`` (or ``imagesTr/`` and ``labelsTr/``) whose files are matched by name;
+  an nnU-Net channel suffix ``_0000`` on the image is ignored when matching;
+- a CSV file with ``image`` and ``label`` columns (paths relative to the CSV).
+
+A DICOM series is given as a folder in place of an image file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from volseg.errors import UserError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
+
+Case = dict[str, str]
+
+
+def case_id(path: str | Path) -> str:
+    """The case name of an image or label path: file name without its image suffix (and nnU-Net's _0000)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.endswith("_0000"):
+        name = name[: -len("_0000")]
+    return name
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def _resolve(base: Path, rel: str, source: Path) -> str:
+    p = (base / rel).resolve()
+    if not p.exists():
+        raise UserError(f"listed file {rel} does not exist", source)
+    return str(p)
+
+
+def _from_msd(root: Path) -> list[Case]:
+    js = root / "dataset.json"
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read dataset.json ({exc.__class__.__name__})", js) from None
+    items = meta.get("training")
+    if not isinstance(items, list) or not items:
+        raise UserError("dataset.json has no 'training' list", js)
+    cases = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "image" not in item or "label" not in item:
+            raise UserError(f"training[{i}] needs 'image' and 'label'", js)
+        cases.append({"image": _resolve(root, item["image"], js), "label": _resolve(root, item["label"], js)})
+    return cases
+
+
+def _from_folder(root: Path) -> list[Case]:
+    for img_dir, lab_dir in (("images", "labels"), ("imagesTr", "labelsTr")):
+        if (root / img_dir).is_dir() and (root / lab_dir).is_dir():
+            break
+    else:
+        raise UserError("expected dataset.json, images/ + labels/, or imagesTr/ + labelsTr/ in the folder", root)
+    images = {case_id(p): p for p in sorted((root / img_dir).iterdir()) if _is_image(p) or p.is_dir()}
+    labels = {case_id(p): p for p in sorted((root / lab_dir).iterdir()) if _is_image(p)}
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise UserError(f"{len(missing)} image(s) without a label, first: {missing[0]}", root / lab_dir)
+    extra = sorted(set(labels) - set(images))
+    if extra:
+        raise UserError(f"{len(extra)} label(s) without an image, first: {extra[0]}", root / img_dir)
+    if not images:
+        raise UserError("no images found", root / img_dir)
+    return [{"image": str(images[k].resolve()), "label": str(labels[k].resolve())} for k in sorted(images)]
+
+
+def _from_csv(path: Path) -> list[Case]:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"cannot read CSV ({exc.__class__.__name__})", path) from None
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise UserError("CSV needs a header with 'image' and 'label' columns and at least one row", path)
+    return [
+        {"image": _resolve(path.parent, r["image"], path), "label": _resolve(path.parent, r["label"], path)}
+        for r in rows
+    ]
+
+
+def load_datalist(root: str | Path, source: str = "auto") -> list[Case]:
+    """All labelled cases of a data set, sorted, with absolute paths.
+
+    Args:
+        root: a folder (MSD or image/label pairs) or a CSV file.
+        source: ``auto``, ``msd``, ``folder`` or ``csv``.
+
+    Raises:
+        UserError: the folder or file is missing, or the datalist is inconsistent.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UserError("data folder or file not found", root)
+    if source == "auto":
+        if root.is_file() and root.suffix.lower() == ".csv":
+            source = "csv"
+        elif (root / "dataset.json").is_file():
+            source = "msd"
+        else:
+            source = "folder"
+    if source == "csv":
+        cases = _from_csv(root)
+    elif source == "msd":
+        cases = _from_msd(root)
+    else:
+        cases = _from_folder(root)
+    images = [c["image"] for c in cases]
+    if len(set(images)) != len(images):
+        dup = next(x for x in images if images.count(x) > 1)
+        raise UserError(f"image listed twice: {dup}", root)
+    return cases
+
+
+def split_cases(
+    cases: list[Case], val_fraction: float = 0.2, folds: int | None = None, fold: int = 0, seed: int = 0
+) -> tuple[list[Case], list[Case]]:
+    """Deterministic train/validation split by seed: a held-out fraction, or fold ``fold`` of ``folds``.
+
+    At least one case goes to each side when there are two or more cases.
+    """
+    if len(cases) < 2:
+        raise UserError(f"need at least 2 labelled cases to split into training and validation, got {len(cases)}")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    if folds is not None:
+        if folds > len(cases):
+            raise UserError(f"{folds} folds need at least {folds} cases, got {len(cases)}")
+        val_idx = set(order[fold::folds].tolist())
+    else:
+        n_val = min(max(1, round(len(cases) * val_fraction)), len(cases) - 1)
+        val_idx = set(order[:n_val].tolist())
+    train = [c for i, c in enumerate(cases) if i not in val_idx]
+    val = [c for i, c in enumerate(cases) if i in val_idx]
+    return train, val

@@ -1,0 +1,372 @@
+"""The YAML recipe: one file describes a task, and everything that trains, validates, infers and is exported is
+built from it.
+
+A recipe is validated by the pydantic models below before anything heavy starts. An unknown key, a wrong type or
+an impossible value raises :class:`volseg.errors.UserError` with one line naming the file and the key path.
+
+Dotted overrides (``train.max_epochs=3``) are applied to the raw YAML before validation, so they are checked by
+the same rules as the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from volseg.errors import UserError
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Label(_Strict):
+    """One output label: its value in the label maps, an RGB colour, and optional SNOMED CT codes."""
+
+    value: Annotated[int, Field(ge=0, le=255)]
+    color: tuple[int, int, int] | None = None
+    category: tuple[str, str, str] | None = Field(
+        default=None, description="(CodingSchemeDesignator, CodeValue, CodeMeaning) of the segmented category"
+    )
+    type: tuple[str, str, str] | None = Field(
+        default=None, description="(CodingSchemeDesignator, CodeValue, CodeMeaning) of the segmented type"
+    )
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and not all(0 <= c <= 255 for c in v):
+            raise ValueError("colour components must be within 0..255")
+        return v
+
+
+class CTIntensity(_Strict):
+    """CT window in Hounsfield units, mapped linearly to [0, 1] and clipped."""
+
+    a_min: float = -175.0
+    a_max: float = 250.0
+
+    @model_validator(mode="after")
+    def _order(self) -> CTIntensity:
+        if self.a_max <= self.a_min:
+            raise ValueError("a_max must be greater than a_min")
+        return self
+
+
+class MRIntensity(_Strict):
+    """MR z-score normalisation over the foreground (non-zero voxels), per channel."""
+
+    nonzero: bool = True
+
+
+class Split(_Strict):
+    """Train/validation split: a fraction held out, or fold ``fold`` of ``folds`` (k-fold), by seed."""
+
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    folds: Annotated[int, Field(ge=2)] | None = None
+    fold: Annotated[int, Field(ge=0)] = 0
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> Split:
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} is out of range for {self.folds} folds")
+        return self
+
+
+class Cache(_Strict):
+    kind: Literal["none", "memory", "persistent"] = "memory"
+    rate: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
+class Data(_Strict):
+    """Where the cases are and how they are made ready for the network."""
+
+    source: Literal["auto", "msd", "folder", "csv"] = "auto"
+    root: str | None = Field(default=None, description="data folder or CSV; --data overrides it")
+    modality: Literal["CT", "MR", "other"] = "CT"
+    labels: dict[str, Label]
+    spacing: tuple[PositiveFloat, ...] = (1.5, 1.5, 2.0)
+    orientation: str = "RAS"
+    intensity: CTIntensity | MRIntensity | None = None
+    crop_foreground: bool = True
+    split: Split = Split()
+    cache: Cache = Cache()
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _short_labels(cls, v: Any) -> Any:
+        # `liver: 1` is shorthand for `liver: {value: 1}`.
+        if isinstance(v, dict):
+            return {k: ({"value": x} if isinstance(x, int) and not isinstance(x, bool) else x) for k, x in v.items()}
+        return v
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, v: str) -> str:
+        v = v.upper()
+        axes = ["LR", "AP", "SI"]
+        used = [next((i for i, pair in enumerate(axes) if c in pair), None) for c in v]
+        if len(v) not in (2, 3) or None in used or len(set(used)) != len(used):
+            raise ValueError(f"'{v}' is not an orientation code such as RAS or LPS")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Data:
+        values = [lab.value for lab in self.labels.values()]
+        if len(set(values)) != len(values):
+            raise ValueError("label values must be unique")
+        if sorted(values) != list(range(len(values))):
+            raise ValueError(f"label values must be 0..{len(values) - 1} without gaps, got {sorted(values)}")
+        if self.labels and min(self.labels.items(), key=lambda kv: kv[1].value)[1].value != 0:
+            raise ValueError("one label must have value 0 (background)")
+        if len(self.labels) < 2:
+            raise ValueError("at least two labels are needed: background and one structure")
+        if self.intensity is None:
+            self.intensity = CTIntensity() if self.modality == "CT" else MRIntensity()
+        elif self.modality == "MR" and isinstance(self.intensity, CTIntensity):
+            raise ValueError("an MR recipe takes intensity: {nonzero: ...} (z-score), not a CT window")
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        """Label names ordered by value, background first."""
+        return [k for k, _ in sorted(self.labels.items(), key=lambda kv: kv[1].value)]
+
+
+class Model(_Strict):
+    name: str = "unet"
+    spatial_dims: Literal[2, 3] = 3
+    in_channels: PositiveInt = 1
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from volseg.nets import NETWORKS
+
+        if v not in NETWORKS:
+            raise ValueError(f"unknown network '{v}'; known: {', '.join(sorted(NETWORKS))}")
+        return v
+
+
+class Optimizer(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+
+
+class Scheduler(_Strict):
+    name: Literal["none", "poly", "cosine", "plateau", "multistep"] = "poly"
+    power: PositiveFloat = 0.9
+    milestones: list[PositiveInt] = Field(default_factory=list)
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    patience: Annotated[int, Field(ge=0)] = 10
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Loss(_Strict):
+    name: Literal["dice_ce", "dice", "ce"] = "dice_ce"
+    lambda_dice: Annotated[float, Field(ge=0)] = 1.0
+    lambda_ce: Annotated[float, Field(ge=0)] = 1.0
+    deep_supervision_weights: list[Annotated[float, Field(ge=0)]] | None = None
+
+
+class Augment(_Strict):
+    """Augmentations of the U-Net paper and its successors, each with its probability."""
+
+    flip: Annotated[float, Field(ge=0, le=1)] = 0.5
+    rotate90: Annotated[float, Field(ge=0, le=1)] = 0.0
+    rotate: Annotated[float, Field(ge=0, le=1)] = 0.2
+    rotate_range_deg: Annotated[float, Field(ge=0, le=180)] = 15.0
+    scale: Annotated[float, Field(ge=0, le=1)] = 0.2
+    scale_range: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    elastic: Annotated[float, Field(ge=0, le=1)] = 0.0
+    elastic_sigma: tuple[PositiveFloat, PositiveFloat] = (9.0, 13.0)
+    elastic_magnitude: tuple[PositiveFloat, PositiveFloat] = (0.0 + 1e-6, 900.0)
+    intensity_shift: Annotated[float, Field(ge=0, le=1)] = 0.5
+    intensity_scale: Annotated[float, Field(ge=0, le=1)] = 0.5
+    noise: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+
+class EarlyStopping(_Strict):
+    patience: PositiveInt = 20
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Train(_Strict):
+    patch_size: tuple[PositiveInt, ...] = (96, 96, 96)
+    batch_size: PositiveInt = 2
+    samples_per_volume: PositiveInt = 4
+    sampler: Literal["pos_neg", "class_balanced"] = "pos_neg"
+    pos_fraction: Annotated[float, Field(ge=0, le=1)] = 0.67
+    max_epochs: PositiveInt = 100
+    iterations_per_epoch: PositiveInt | None = Field(
+        default=None, description="repeat the training set so that an epoch has this many iterations"
+    )
+    optimizer: Optimizer = Optimizer()
+    scheduler: Scheduler = Scheduler()
+    loss: Loss = Loss()
+    amp: bool = True
+    val_interval: PositiveInt = 1
+    early_stopping: EarlyStopping | None = None
+    seed: int = 0
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    augment: Augment = Augment()
+
+
+class Postprocess(_Strict):
+    largest_component: list[str] = Field(
+        default_factory=list, description="labels for which only the largest connected component is kept"
+    )
+
+
+class Infer(_Strict):
+    roi_size: tuple[PositiveInt, ...] | None = Field(default=None, description="defaults to train.patch_size")
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    sw_batch_size: PositiveInt = 4
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    padding_mode: Literal["constant", "reflect", "replicate"] = "constant"
+    tta_flips: bool = False
+    postprocess: Postprocess = Postprocess()
+
+
+class Recipe(_Strict):
+    """A whole task."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str = ""
+    version: Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")] = "0.1.0"
+    authors: str = "volseg"
+    license: str = "Apache-2.0"
+    data: Data
+    model: Model = Model()
+    train: Train = Train()
+    infer: Infer = Infer()
+
+    @model_validator(mode="after")
+    def _dims(self) -> Recipe:
+        nd = self.model.spatial_dims
+        for key, value in (
+            ("data.spacing", self.data.spacing),
+            ("train.patch_size", self.train.patch_size),
+            ("infer.roi_size", self.infer.roi_size),
+        ):
+            if value is not None and len(value) != nd:
+                raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
+        if len(self.data.orientation) != nd:
+            raise ValueError(f"data.orientation '{self.data.orientation}' does not have {nd} letters")
+        for name in self.infer.postprocess.largest_component:
+            if name not in self.data.labels:
+                raise ValueError(f"infer.postprocess.largest_component names unknown label '{name}'")
+        stride = 2 ** _depth(self.model)
+        bad = [p for p in self.train.patch_size if p % stride]
+        if bad:
+            raise ValueError(f"train.patch_size {list(self.train.patch_size)} must be divisible by {stride}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.labels)
+
+    @property
+    def roi_size(self) -> tuple[int, ...]:
+        return tuple(self.infer.roi_size or self.train.patch_size)
+
+
+def _depth(model: Model) -> int:
+    """Number of down-sampling steps of a network, for patch-size divisibility."""
+    from volseg.nets import NETWORKS
+
+    return NETWORKS[model.name].depth(model.args)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override '{dotted}': '{part}' is not a section", source)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.path=value``; the value is read as YAML (``3``, ``1e-4``, ``[96, 96, 64]``, ``false``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{text}' is not of the form key.path=value", "--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})", "--set") from None
+    return key.strip(), value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p[0].isupper()))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{loc}: {msg}{suffix}" if loc else f"{msg}{suffix}"
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a dict, raising a one-line :class:`UserError`."""
+    if not isinstance(raw, dict):
+        raise UserError("a recipe must be a YAML mapping at the top level", source)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_error(err), source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings applied before validation.
+
+    Raises:
+        UserError: the file is missing or unreadable, is not YAML, or breaks the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("recipe file not found", path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe ({exc.__class__.__name__})", path) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"not valid YAML{where}", path) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError("a recipe must be a YAML mapping at the top level", path)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value, str(path))
+    return recipe_from_dict(raw, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (defaults filled in), for saving with a run."""
+    data = recipe.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
