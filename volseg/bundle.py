@@ -238,6 +238,23 @@ def train_config(
                     "cache_dir": "$@bundle_root + '/cache'"}  # fmt: skip
         return {"_target_": "Dataset", "data": data, "transform": transform}
 
+    train_loader: dict[str, Any] = {
+        "_target_": "DataLoader",
+        "dataset": "@train#dataset",
+        "batch_size": t.batch_size,
+        "shuffle": True,
+        "num_workers": t.num_workers,
+    }
+    if t.iterations_per_epoch:
+        # An epoch of a fixed number of iterations, drawing volumes with replacement.
+        train_loader["shuffle"] = False
+        train_loader["sampler"] = {
+            "_target_": "torch.utils.data.RandomSampler",
+            "data_source": "@train#dataset",
+            "replacement": True,
+            "num_samples": t.iterations_per_epoch * t.batch_size,
+        }
+
     train_handlers: list[dict[str, Any]] = [
         {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
          "interval": "@val_interval"},
@@ -255,7 +272,9 @@ def train_config(
     if sched is not None:
         if recipe.train.scheduler.name == "plateau":
             step = "$lambda engine: engine.state.metrics['val_mean_dice']"
-            val_handlers.append({"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "step_transform": step})  # noqa: E501
+            val_handlers.append(
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "step_transform": step}
+            )  # noqa: E501
         else:
             train_handlers.insert(0, {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler",
                                       "print_lr": False})  # fmt: skip
@@ -281,13 +300,7 @@ def train_config(
             "random_transforms": T.train_sampling(recipe),
             "preprocessing": _compose("$@train#deterministic_transforms + @train#random_transforms"),
             "dataset": dataset("train", "@train#preprocessing"),
-            "dataloader": {
-                "_target_": "DataLoader",
-                "dataset": "@train#dataset",
-                "batch_size": t.batch_size,
-                "shuffle": True,
-                "num_workers": t.num_workers,
-            },  # fmt: skip
+            "dataloader": train_loader,
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": train_handlers,
             "trainer": {
@@ -566,6 +579,17 @@ def update_bundle_metrics(recipe: Recipe, bundle_dir: str | Path, metrics: dict[
     root = Path(bundle_dir)
     _write_json(root / "configs" / "metadata.json", metadata(recipe, metrics, data_note))
     _write_text(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
+
+
+def export_recipe_bundles(configs_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write the bundle of every recipe in ``configs_dir`` to ``out_dir/<recipe name>`` (no weights)."""
+    from volseg.recipe import load_recipe
+
+    written = []
+    for path in sorted(Path(configs_dir).glob("*.yaml")):
+        recipe = load_recipe(path)
+        written.append(write_bundle_configs(recipe, Path(out_dir) / recipe.name, dataset_dir=recipe.data.root))
+    return written
 
 
 def read_bundle_recipe(bundle_dir: str | Path) -> Recipe:

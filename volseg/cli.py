@@ -1,0 +1,188 @@
+"""The ``volseg`` command line.
+
+Each command imports its heavy modules inside the function, so ``volseg --help`` is quick. A user mistake
+(:class:`volseg.errors.UserError`) ends with one line on stderr and exit status 2; an internal error exits 1.
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from volseg.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="volseg: 3D and 2D medical image segmentation on MONAI.",
+)
+
+_DEBUG = {"on": False}
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False,
+) -> None:
+    _DEBUG["on"] = debug or os.environ.get("VOLSEG_DEBUG") == "1"
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module="monai")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("monai", "ignite", "nvImageCodec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="recipe YAML")],
+    data: Annotated[Path | None, typer.Option(help="data folder or CSV (default: the recipe's data.root)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.max_epochs=3")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Train a recipe; the run folder becomes a MONAI bundle."""
+    from volseg.recipe import load_recipe
+
+    recipe = load_recipe(config, set_ or [])
+    root = data or (Path(recipe.data.root) if recipe.data.root else None)
+    if root is None:
+        raise UserError("no data given: pass --data DIR or set data.root in the recipe", config)
+    _quiet_libraries()
+    from volseg.train import train as run_train
+
+    run_dir = out or Path("runs") / recipe.name
+    result = run_train(recipe, root, run_dir, resume=resume, device=device, echo=_echo, overrides=set_ or [])
+    dice = "  ".join(f"{k} {v:.4f}" for k, v in result.per_label_dice.items())
+    _echo(
+        f"done: {result.epochs} epochs in {result.seconds:.0f} s; best mean Dice {result.best_mean_dice:.4f} "
+        f"(epoch {result.best_epoch}); last validation Dice {dice}"
+    )
+    _echo(f"bundle: {result.run_dir}")
+
+
+@app.command()
+def infer(
+    inputs: Annotated[list[str], typer.Argument(help="image files, folders, globs or DICOM series folders")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")] = Path("predictions"),
+    bundle: Annotated[Path | None, typer.Option(help="bundle folder (default: the latest run in runs/)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Segment images with a trained bundle; outputs are on each input's exact grid."""
+    _quiet_libraries()
+    from volseg.infer import run_inference
+
+    written, failures = run_inference(inputs, output, bundle, device, echo=_echo)
+    if failures:
+        _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")
+        for src, why in failures:
+            typer.echo(f"  {src}: {why}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def synth(
+    task: Annotated[str, typer.Option(help="phantom task: liver_ct")] = "liver_ct",
+    n: Annotated[int, typer.Option("-n", help="number of training cases")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (MSD layout)")] = Path("data/synth"),
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    size: Annotated[str, typer.Option(help="demo (small, CPU) or full (512x512 slices)")] = "demo",
+    n_test: Annotated[int, typer.Option("--n-test", help="held-out cases in imagesTs/labelsTs")] = 0,
+) -> None:
+    """Write a synthetic data set in the Medical Segmentation Decathlon layout."""
+    from volseg.data.synth import write_dataset
+
+    if n < 1:
+        raise UserError("-n must be at least 1", "-n")
+    path = write_dataset(out, task=task, n=n, seed=seed, size=size, n_test=n_test)
+    _echo(f"wrote {n} training and {n_test} test case(s): {path}")
+
+
+@app.command("export-bundles")
+def export_bundles(
+    configs: Annotated[Path, typer.Option(help="folder of recipes")] = REPO_CONFIGS,
+    out: Annotated[Path, typer.Option(help="folder of bundles")] = REPO_CONFIGS.parent / "bundles",
+) -> None:
+    """Regenerate bundles/ from configs/ (configs, docs and LICENSE; weights come from training)."""
+    from volseg.bundle import export_recipe_bundles
+
+    for path in export_recipe_bundles(configs, out):
+        _echo(f"wrote {path}")
+
+
+@app.command("check-recipe")
+def check_recipe(
+    config: Annotated[Path, typer.Argument(help="recipe YAML")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.max_epochs=3")] = None,
+) -> None:
+    """Validate a recipe and print it with every default filled in."""
+    from volseg.recipe import dump_recipe, load_recipe
+
+    _echo(dump_recipe(load_recipe(config, set_ or [])))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="demo folder")] = Path("demo"),
+    config: Annotated[Path, typer.Option(help="recipe")] = REPO_CONFIGS / "demo_liver_ct.yaml",
+    n_train: Annotated[int, typer.Option("--n-train", help="synthetic training cases")] = 10,
+    n_test: Annotated[int, typer.Option("--n-test", help="held-out synthetic cases")] = 3,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="recipe override")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Synthesise CT phantoms, train the demo recipe, segment held-out phantoms and score them."""
+    _quiet_libraries()
+    from volseg.demo import run_demo
+
+    run_demo(out, config, n_train, n_test, set_ or [], device, echo=_echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and turns errors into exit codes."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as err:
+        if _DEBUG["on"]:
+            raise
+        typer.echo(f"volseg: error: {err}", err=True)
+        return 2
+    except typer.Exit as ex:
+        return int(ex.exit_code or 0)
+    except KeyboardInterrupt:
+        typer.echo("volseg: interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place where internal errors become exit 1
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        if _DEBUG["on"]:
+            raise
+        typer.echo(f"volseg: internal error: {exc.__class__.__name__}: {exc} (run with --debug for details)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
