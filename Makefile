@@ -10,8 +10,10 @@ setup:
 demo: setup
 	$(VENV)/bin/volseg demo
 
+# pytest's exit status 5 (no tests collected) is a failure here, not a pass.
 test: setup
-	$(PY) -m pytest -q
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

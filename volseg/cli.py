@@ -158,7 +158,7 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and turns errors into exit codes."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except UserError as err:
         if _DEBUG["on"]:
             raise
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"volseg: internal error: {exc.__class__.__name__}: {exc} (run with --debug for details)", err=True)
         return 1
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

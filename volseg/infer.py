@@ -189,9 +189,16 @@ class Predictor:
 
 
 def _reason(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    text = msg[-1] if msg else exc.__class__.__name__
-    return text[:200]
+    """The innermost cause of a (MONAI-wrapped) reader error, as one short line."""
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    for inner in reversed(seen):
+        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+        if lines and not lines[0].startswith("applying transform"):
+            return f"{inner.__class__.__name__}: {lines[0]}"[:200]
+    return seen[-1].__class__.__name__
 
 
 def save_prediction(pred: Prediction, out_path: Path) -> Path:

@@ -1,0 +1,106 @@
+"""The command line: the main commands run, and user mistakes end in one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, save_nifti
+from volseg.data.synth import liver_ct_phantom
+
+
+def volseg(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "volseg", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.startswith("volseg: error:")]
+    assert len(err) == 1, proc.stderr
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_help_lists_the_commands() -> None:
+    proc = volseg("--help")
+    assert proc.returncode == 0
+    for cmd in ("train", "infer", "synth", "demo", "export-bundles", "check-recipe"):
+        assert cmd in proc.stdout
+
+
+def test_infer_without_a_bundle_says_how_to_get_one(tmp_path: Path) -> None:
+    scan = save_nifti(tmp_path / "scan.nii.gz", np.zeros((8, 8, 8), np.int16), np.eye(4))
+    _one_line_error(volseg("infer", str(scan), cwd=tmp_path), "no trained bundle found", "volseg train")
+
+
+def test_infer_missing_input_and_bundle_without_weights(tmp_path: Path, trained_bundle: Path) -> None:
+    _one_line_error(
+        volseg("infer", str(tmp_path / "nope.nii.gz"), "--bundle", str(trained_bundle)),
+        "nope.nii.gz",
+        "input not found",
+    )
+    empty = tmp_path / "empty_bundle"
+    (empty / "configs").mkdir(parents=True)
+    (empty / "configs" / "inference.json").write_text((trained_bundle / "configs" / "inference.json").read_text())
+    scan = save_nifti(tmp_path / "scan.nii.gz", np.zeros((8, 8, 8), np.int16), np.eye(4))
+    _one_line_error(volseg("infer", str(scan), "--bundle", str(empty)), str(empty), "models/model.pt is missing")
+
+
+def test_infer_bad_device(tmp_path: Path, trained_bundle: Path) -> None:
+    scan = save_nifti(tmp_path / "scan.nii.gz", np.zeros((8, 8, 8), np.int16), np.eye(4))
+    _one_line_error(volseg("infer", str(scan), "--bundle", str(trained_bundle), "--device", "tpu:3"), "--device")
+
+
+@pytest.mark.slow
+def test_infer_goes_on_past_a_bad_input(tmp_path: Path, trained_bundle: Path) -> None:
+    ph = liver_ct_phantom(5, shape=(40, 40, 20))
+    good = save_nifti(tmp_path / "in" / "good.nii.gz", ph.image, ph.affine)
+    (tmp_path / "in" / "bad.nii").write_text("this is not a NIfTI file\n")
+    proc = volseg("infer", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--bundle", str(trained_bundle))
+    assert proc.returncode == 2, proc.stderr
+    assert "bad.nii" in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "out" / "good_seg.nii.gz"
+    assert out.is_file() and nib.load(str(out)).shape == nib.load(str(good)).shape
+    assert not list((tmp_path / "out").glob("bad*")) and not list((tmp_path / "out").glob(".*"))
+
+
+@pytest.mark.slow
+def test_train_and_infer_commands(tmp_path: Path, tiny_data: Path, tiny_recipe_path: Path) -> None:
+    proc = volseg(
+        "train", "--config", str(tiny_recipe_path), "--data", str(tiny_data), "--out", str(tmp_path / "runs" / "t"),
+        "--set", "train.max_epochs=2", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 2/2" in proc.stdout and "bundle:" in proc.stdout
+    ph = liver_ct_phantom(9, shape=(40, 40, 20), axcodes="LPS")
+    scan = save_nifti(tmp_path / "scan.nii.gz", ph.image, ph.affine)
+    # Without --bundle, the latest run under ./runs is used.
+    proc = volseg("infer", str(scan), "-o", str(tmp_path / "pred"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = nib.load(str(tmp_path / "pred" / "scan_seg.nii.gz"))
+    assert out.shape == ph.image.shape
+    np.testing.assert_allclose(out.affine, ph.affine, atol=1e-4)
+    # Training again into the same folder without --resume is refused.
+    proc = volseg(
+        "train", "--config", str(tiny_recipe_path), "--data", str(tiny_data), "--out", str(tmp_path / "runs" / "t")
+    )
+    _one_line_error(proc, "--resume")
+
+
+def test_synth_writes_msd_layout(tmp_path: Path) -> None:
+    proc = volseg("synth", "--task", "liver_ct", "-n", "1", "-o", str(tmp_path / "d"))
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    assert meta["numTraining"] == 1 and (tmp_path / "d" / meta["training"][0]["image"]).is_file()
+    _one_line_error(volseg("synth", "--task", "knee_mr", "-n", "1", "-o", str(tmp_path / "e")), "knee_mr")
