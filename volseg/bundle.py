@@ -156,7 +156,7 @@ def inference_config(recipe: Recipe, dataset_dir: str = "/workspace/data") -> di
         "run": ["$@evaluator.run()"],
     }
     if spec.needs_scripts:
-        cfg["imports"].append("$import scripts")
+        cfg["imports"].append("$import scripts.nets")
     return cfg
 
 
@@ -380,8 +380,8 @@ def train_config(
         cfg["lr_scheduler"] = sched
     if NETWORKS[recipe.model.name].deep_supervision:
         # Validation reads the last head of the deep-supervision outputs.
-        cfg["imports"].append("$import scripts")
-        cfg["validate"]["network"] = "$scripts.nets.LastHeadView(@network)"
+        cfg["imports"].append("$from scripts.nets import LastHeadView")
+        cfg["validate"]["network"] = "$LastHeadView(@network)"
         cfg["validate"]["evaluator"]["network"] = "@validate#network"
     return cfg
 

@@ -1,0 +1,106 @@
+"""Training details: schedulers, caching kinds, reproducibility by seed, early stopping, deep supervision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from volseg.bundle import train_config
+from volseg.recipe import load_recipe
+
+
+def _parsed(recipe, key: str, tmp_path: Path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(train_config(recipe, str(tmp_path), [], []))
+    parser["bundle_root"] = str(tmp_path)
+    return parser.get_parsed_content(key)
+
+
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("poly", torch.optim.lr_scheduler.PolynomialLR),
+        ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR),
+        ("multistep", torch.optim.lr_scheduler.MultiStepLR),
+        ("plateau", torch.optim.lr_scheduler.ReduceLROnPlateau),
+    ],
+)
+def test_schedulers(name: str, cls: type, tiny_recipe_path: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(tiny_recipe_path, [f"train.scheduler.name={name}", "train.scheduler.milestones=[2]"])
+    assert isinstance(_parsed(recipe, "lr_scheduler", tmp_path), cls)
+
+
+@pytest.mark.parametrize(
+    "kind,cls", [("memory", "CacheDataset"), ("persistent", "PersistentDataset"), ("none", "Dataset")]
+)
+def test_cache_kinds(kind: str, cls: str, tiny_recipe_path: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(tiny_recipe_path, [f"data.cache.kind={kind}"])
+    assert type(_parsed(recipe, "train#dataset", tmp_path)).__name__ == cls
+
+
+@pytest.mark.parametrize(
+    "optimizer,cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)]
+)
+def test_optimizers(optimizer: str, cls: type, tiny_recipe_path: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(tiny_recipe_path, [f"train.optimizer.name={optimizer}"])
+    assert type(_parsed(recipe, "optimizer", tmp_path)) is cls
+
+
+def test_iterations_per_epoch_sets_the_epoch_length(tiny_recipe_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+    from volseg.bundle import train_config as tc
+    from volseg.data.datalist import load_datalist
+
+    recipe = load_recipe(tiny_recipe_path, ["train.iterations_per_epoch=7", "data.cache.kind=none"])
+    cases = [{k: str(Path(v).relative_to(tiny_data)) for k, v in c.items()} for c in load_datalist(tiny_data)]
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(tc(recipe, str(tiny_data), cases, cases[:1]))
+    assert len(parser.get_parsed_content("train#dataloader")) == 7
+
+
+@pytest.mark.slow
+def test_same_seed_same_losses_and_early_stopping(tiny_recipe_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+    from volseg.train import train
+
+    sets = ["train.max_epochs=2"]
+    a = train(load_recipe(tiny_recipe_path, sets), tiny_data, tmp_path / "a", echo=lambda s: None)
+    b = train(load_recipe(tiny_recipe_path, sets), tiny_data, tmp_path / "b", echo=lambda s: None)
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    # With a zero learning rate the validation Dice cannot improve: patience 1 stops after the second validation.
+    stop = load_recipe(
+        tiny_recipe_path,
+        [
+            "train.max_epochs=6",
+            "train.optimizer.lr=1e-12",
+            "train.early_stopping.patience=1",
+            "train.scheduler.name=none",
+        ],
+    )
+    c = train(stop, tiny_data, tmp_path / "c", echo=lambda s: None)
+    assert c.stopped_early and c.epochs < 6
+
+
+@pytest.mark.slow
+def test_unet_plusplus_deep_supervision_trains_and_bundles(
+    tiny_recipe_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    from volseg.infer import Predictor
+    from volseg.train import train
+
+    recipe = load_recipe(
+        tiny_recipe_path,
+        [
+            "model.name=unet_plusplus",
+            "model.args={features: [4, 4, 8, 8, 16, 4]}",
+            "train.max_epochs=2",
+            "train.patch_size=[32, 32, 32]",
+        ],
+    )
+    result = train(recipe, tiny_data, tmp_path / "pp", echo=lambda s: None)
+    assert result.epochs == 2 and result.losses[-1] < result.losses[0]
+    assert (tmp_path / "pp" / "scripts" / "nets.py").is_file()
+    pred = Predictor(tmp_path / "pp", "cpu").predict(next((tiny_data / "imagesTr").glob("*.nii.gz")))
+    assert pred.labels.ndim == 3 and pred.labels.max() <= 2
