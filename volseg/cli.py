@@ -85,12 +85,25 @@ def infer(
     output: Annotated[Path, typer.Option("--output", "-o", help="output folder")] = Path("predictions"),
     bundle: Annotated[Path | None, typer.Option(help="bundle folder (default: the latest run in runs/)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    format_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help="nifti, nrrd, seg.nrrd, dicom-seg (repeat for several; default nifti, plus dicom-seg for DICOM input)",
+        ),
+    ] = None,
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to segment in a DICOM folder")] = None,
+    save_probabilities: Annotated[
+        bool, typer.Option("--save-probabilities", help="also write class probabilities (NIfTI, 16-bit)")
+    ] = False,
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
     from volseg.infer import run_inference
 
-    written, failures = run_inference(inputs, output, bundle, device, echo=_echo)
+    written, failures = run_inference(
+        inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series, probabilities=save_probabilities
+    )
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")
         for src, why in failures:

@@ -9,11 +9,9 @@ input's header and affine, so shape, affine and axis order are the input's.
 from __future__ import annotations
 
 import glob
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,9 @@ class Prediction:
     labels: np.ndarray  # uint8, the input's array layout
     affine: np.ndarray  # 4x4 voxel -> RAS world
     seconds: float
+    probabilities: np.ndarray | None = None  # (classes, *spatial) on the input grid, when asked for
+    dicom_files: list[Path] | None = None  # the source series, for DICOM input
+    notes: list[str] = field(default_factory=list)
 
 
 def find_latest_run(runs_dir: str | Path = "runs") -> Path:
@@ -84,45 +85,6 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     return out
 
 
-def output_path(source: Path, out_dir: Path) -> Path:
-    return out_dir / f"{case_id(source)}_seg.nii.gz"
-
-
-def write_labels(labels: np.ndarray, affine: np.ndarray, path: Path, reference: Any | None = None) -> Path:
-    """Write a uint8 label map as NIfTI, to a temporary name first, then renamed.
-
-    Args:
-        labels: the label array in the reference's layout.
-        affine: voxel -> RAS world.
-        path: the output file.
-        reference: the input's nibabel image; its header (qform/sform codes, units) is kept.
-    """
-    import nibabel as nib
-
-    labels = np.asarray(labels, dtype=np.uint8)
-    if reference is not None:
-        header = reference.header.copy()
-        header.set_data_dtype(np.uint8)
-        header.set_slope_inter(1, 0)
-        img = nib.Nifti1Image(labels, reference.affine, header)
-        img.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]) or 1)
-        img.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]) or 1)
-    else:
-        img = nib.Nifti1Image(labels, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 class Predictor:
     """Segments images with a trained bundle.
 
@@ -157,6 +119,8 @@ class Predictor:
         parser["postprocessing"]["transforms"] = [t for t in post if t.get("_target_") != "SaveImaged"]
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.postprocessing = parser.get_parsed_content("postprocessing")
+        self.segments = _segments(self.bundle_dir)
+        self.algorithm = _algorithm(self.bundle_dir)
         self.inferer = parser.get_parsed_content("inferer")
         net = parser.get_parsed_content("network_def")
         try:
@@ -168,24 +132,101 @@ class Predictor:
         net.load_state_dict(state)
         self.network = net.to(self.device).eval()
 
-    def predict(self, source: str | Path) -> Prediction:
-        """Segment one image (file or DICOM folder) and return labels on its own grid."""
-        t0 = time.perf_counter()
-        src = Path(source)
+    def _load(self, src: Path, series_uid: str | None) -> tuple[dict[str, Any], Any]:
+        """Preprocess one input; DICOM series folders are read by volseg's own series reader."""
+        if src.is_dir():
+            from monai.data import MetaTensor
+            from monai.transforms import Compose
+
+            from volseg.data.dicom import choose_series, list_series, read_series
+
+            chosen, skipped = choose_series(list_series(src), series_uid)
+            vol = read_series(src, chosen.uid)
+            vol.warnings[:0] = [f"chose {chosen.summary()}"] + [f"skipped {s.summary()}" for s in skipped]
+            image = MetaTensor(
+                torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32)),
+                affine=torch.as_tensor(vol.affine, dtype=torch.float64),
+                meta={"original_channel_dim": "no_channel", "filename_or_obj": str(src), "space": "RAS"},
+            )
+            # The bundle's chain after its loader.
+            rest = Compose(self.preprocessing.transforms[1:])
+            return rest({"image": image}), vol
         try:
-            data = self.preprocessing({"image": str(src)})
+            return self.preprocessing({"image": str(src)}), None
         except Exception as exc:  # noqa: BLE001 - reader errors become one line naming the file
             raise UserError(f"cannot read image ({_reason(exc)})", src) from None
+
+    def predict(self, source: str | Path, *, series_uid: str | None = None, probabilities: bool = False) -> Prediction:
+        """Segment one image (file or DICOM series folder) and return labels on its own grid.
+
+        Args:
+            source: an image file or a folder holding a DICOM series.
+            series_uid: which series of a DICOM folder (default: the CT/MR series with most slices).
+            probabilities: also return the class probabilities on the input grid.
+        """
+        from monai.transforms import Invertd
+
+        t0 = time.perf_counter()
+        src = Path(source)
+        data, vol = self._load(src, series_uid)
         image = data["image"]
         with torch.inference_mode():
             logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
         data["pred"] = logits[0].cpu() if isinstance(logits, torch.Tensor) else logits[-1][0].cpu()
-        data["image"] = image
-        data = self.postprocessing(data)
+        probs = None
+        for t in self.postprocessing.transforms:
+            data = t(data)
+            if probabilities and isinstance(t, Invertd):
+                probs = np.asarray(data["pred"].detach().cpu().numpy(), dtype=np.float32)
+                # Outside the foreground crop the inverse pads zeros: that is background.
+                probs[0] += np.clip(1.0 - probs.sum(axis=0), 0.0, 1.0)
         pred = data["pred"]
         labels = np.asarray(pred.detach().cpu().numpy())[0].astype(np.uint8)
         affine = np.asarray(pred.affine.cpu().numpy() if hasattr(pred, "affine") else np.eye(4), dtype=np.float64)
-        return Prediction(source=src, labels=labels, affine=affine, seconds=time.perf_counter() - t0)
+        notes: list[str] = []
+        files = None
+        if vol is not None:
+            affine = vol.affine
+            files = list(vol.series.files)
+            notes = list(vol.warnings)
+        return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
+
+
+def _segments(bundle_dir: Path) -> list[Any]:
+    """Segment names, values, colours and codes: from the volseg recipe, else from the metadata's channel_def."""
+    import json
+
+    from volseg.data.writers import SegmentInfo, segments_from_recipe
+
+    if (bundle_dir / "configs" / "volseg_recipe.yaml").is_file():
+        from volseg.bundle import read_bundle_recipe
+
+        return segments_from_recipe(read_bundle_recipe(bundle_dir))
+    try:
+        meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+        chans = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+        return [
+            SegmentInfo(name=str(n), value=int(k))
+            for k, n in sorted(chans.items(), key=lambda kv: int(kv[0]))
+            if int(k)
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _algorithm(bundle_dir: Path) -> dict[str, Any]:
+    import json
+
+    from volseg import __version__
+
+    info: dict[str, Any] = {"name": "volseg", "version": __version__, "bundle": bundle_dir.name}
+    try:
+        meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+        info["bundle"] = meta.get("name", bundle_dir.name)
+        info["bundle_version"] = meta.get("version", "")
+    except (OSError, ValueError):
+        pass
+    return info
 
 
 def _reason(exc: BaseException) -> str:
@@ -201,22 +242,49 @@ def _reason(exc: BaseException) -> str:
     return seen[-1].__class__.__name__
 
 
-def save_prediction(pred: Prediction, out_path: Path) -> Path:
-    """Write a prediction on the input's exact grid (the NIfTI input's header and affine when it has one)."""
+def save_prediction(
+    pred: Prediction, out_base: Path, formats: list[str] | None, segments: list[Any], algorithm: dict[str, Any]
+) -> list[Path]:
+    """Write a prediction on the input's exact grid in the asked formats.
+
+    NIfTI input keeps its own header and affine; DICOM input gets a DICOM SEG referencing its series by default.
+    """
+    from volseg.data.writers import write_probabilities, write_segmentation
+
     reference = None
     name = pred.source.name.lower()
     if pred.source.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
         import nibabel as nib
 
-        reference = nib.load(str(pred.source))
-        if tuple(reference.shape[: pred.labels.ndim]) != pred.labels.shape:
+        ref = nib.load(str(pred.source))
+        if tuple(ref.shape[: pred.labels.ndim]) != pred.labels.shape:
             raise RuntimeError(
-                f"prediction shape {pred.labels.shape} differs from the input's {reference.shape}: "
+                f"prediction shape {pred.labels.shape} differs from the input's {ref.shape}: "
                 "the inverse of the preprocessing did not restore the input grid"
             )
-        if not np.allclose(reference.affine, pred.affine, atol=1e-3):
+        if not np.allclose(ref.affine, pred.affine, atol=1e-3):
             raise RuntimeError("prediction affine differs from the input's after inversion")
-    return write_labels(pred.labels, pred.affine, out_path, reference)
+        reference = pred.source
+    if not formats:
+        formats = ["nifti", "dicom-seg"] if pred.dicom_files else ["nifti"]
+    paths = write_segmentation(
+        pred.labels,
+        pred.affine,
+        out_base,
+        formats,
+        segments,
+        reference_nifti=reference,
+        dicom_series_files=pred.dicom_files,
+        algorithm=algorithm,
+    )
+    if pred.probabilities is not None:
+        paths.append(write_probabilities(pred.probabilities, pred.affine, Path(f"{out_base}_probabilities.nii.gz")))
+    return paths
+
+
+def output_base(source: Path, out_dir: Path) -> Path:
+    """OUT/<case>_seg (each format adds its suffix)."""
+    return out_dir / f"{case_id(source)}_seg"
 
 
 def run_inference(
@@ -225,8 +293,21 @@ def run_inference(
     bundle_dir: str | Path | None = None,
     device: str | None = None,
     echo: Callable[[str], None] = print,
+    *,
+    formats: list[str] | None = None,
+    series_uid: str | None = None,
+    probabilities: bool = False,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Segment every input; a bad input is reported and skipped. Returns (written, failures)."""
+    """Segment every input; a bad input is reported and skipped.
+
+    Returns:
+        (the written NIfTI, or first written file, per good case; (input, reason) per failed case).
+    """
+    from volseg.data.writers import FORMATS
+
+    for f in formats or []:
+        if f not in FORMATS:
+            raise UserError(f"unknown format '{f}'; known: {', '.join(FORMATS)}", "--format")
     bundle = Path(bundle_dir) if bundle_dir else find_latest_run()
     sources = expand_inputs(inputs)
     predictor = Predictor(bundle, device)
@@ -236,13 +317,16 @@ def run_inference(
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
     for i, src in enumerate(sources, 1):
         try:
-            pred = predictor.predict(src)
-            path = save_prediction(pred, output_path(src, out))
+            pred = predictor.predict(src, series_uid=series_uid, probabilities=probabilities)
+            paths = save_prediction(pred, output_base(src, out), formats, predictor.segments, predictor.algorithm)
         except UserError as err:
-            failures.append((src, err.message))
+            failures.append((src, str(err)))
             echo(f"[{i}/{len(sources)}] {src}: FAILED: {err.message}")
             continue
-        written.append(path)
+        written.append(paths[0])
         counts = np.bincount(pred.labels.ravel(), minlength=2)
-        echo(f"[{i}/{len(sources)}] {src.name} -> {path}  {pred.seconds:.1f} s  voxels per label {counts.tolist()}")
+        for note in pred.notes:
+            echo(f"[{i}/{len(sources)}] {src.name}: {note}")
+        shown = ", ".join(str(p) for p in paths)
+        echo(f"[{i}/{len(sources)}] {src.name} -> {shown}  {pred.seconds:.1f} s  voxels per label {counts.tolist()}")
     return written, failures
