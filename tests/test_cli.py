@@ -104,3 +104,20 @@ def test_synth_writes_msd_layout(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "d" / "dataset.json").read_text())
     assert meta["numTraining"] == 1 and (tmp_path / "d" / meta["training"][0]["image"]).is_file()
     _one_line_error(volseg("synth", "--task", "knee_mr", "-n", "1", "-o", str(tmp_path / "e")), "knee_mr")
+
+
+def test_evaluate_command(tmp_path: Path) -> None:
+    ref = np.zeros((20, 20, 10), np.uint8)
+    ref[5:15, 5:15, 2:8] = 1
+    pred = np.roll(ref, 1, axis=0)
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    save_nifti(tmp_path / "pred" / "c1_seg.nii.gz", pred, aff)
+    save_nifti(tmp_path / "gt" / "c1.nii.gz", ref, aff)
+    proc = volseg(
+        "evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", "liver=1", "-o", str(tmp_path / "ev")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ev" / "metrics_per_case.csv").is_file() and (tmp_path / "ev" / "metrics_summary.csv").is_file()
+    dice_line = next(line for line in proc.stdout.splitlines() if line.startswith("liver") and " dice " in line)
+    assert abs(float(dice_line.split()[2]) - 0.9) < 1e-3  # one-voxel shift of a 10-voxel-wide box
+    _one_line_error(volseg("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")), "--labels")

@@ -77,20 +77,29 @@ def _compose(transforms: list[dict[str, Any]] | str) -> dict[str, Any]:
     return {"_target_": "Compose", "transforms": transforms}
 
 
-def inference_preprocessing(recipe: Recipe) -> list[dict[str, Any]]:
-    """The inference preprocessing as written into a bundle.
+# MONAI Label 0.8.5 puts the request's image path into the data dictionary as "image_path" (a str). MONAI >= 1.6's
+# Spacingd, after resampling key "image" of a NIfTI, calls .update(meta) on every key that starts with "image_",
+# which fails on that str. The path is moved to a key that does not start with "image_" before anything else and
+# moved back at the end of the postprocessing, because MONAI Label's writer takes the result's file extension from
+# "image_path". Under `monai.bundle run` (no "image_path" in the dictionary) these steps do nothing.
+STASH_IMAGE_PATH = [
+    {"_target_": "CopyItemsd", "keys": "image_path", "names": "source_image_path", "allow_missing_keys": True},
+    {"_target_": "DeleteItemsd", "keys": "image_path"},
+]
+RESTORE_IMAGE_PATH = [
+    {"_target_": "CopyItemsd", "keys": "source_image_path", "names": "image_path", "allow_missing_keys": True},
+]
 
-    MONAI Label 0.8.5 adds an ``image_path`` string to the data dictionary before running a bundle's
-    preprocessing; MONAI >= 1.6's ``Spacingd`` then fails on it. Selecting the ``image`` key first keeps the
-    chain working there and changes nothing for ``monai.bundle run``.
-    """
-    return T.infer_preprocessing(recipe)
+
+def inference_preprocessing(recipe: Recipe) -> list[dict[str, Any]]:
+    """The inference preprocessing as written into a bundle (with the MONAI Label ``image_path`` workaround)."""
+    return STASH_IMAGE_PATH + T.infer_preprocessing(recipe)
 
 
 def inference_config(recipe: Recipe, dataset_dir: str = "/workspace/data") -> dict[str, Any]:
     """configs/inference.json: segments every NIfTI in ``dataset_dir`` into ``output_dir``."""
     spec = NETWORKS[recipe.model.name]
-    post = T.infer_postprocessing(recipe) + [
+    post = T.infer_postprocessing(recipe) + RESTORE_IMAGE_PATH + [
         {
             "_target_": "SaveImaged",
             "keys": "pred",

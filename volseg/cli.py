@@ -129,6 +129,43 @@ def synth(
     _echo(f"wrote {n} training and {n_test} test case(s): {path}")
 
 
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="prediction file or folder (NIfTI)")],
+    gt: Annotated[Path, typer.Argument(help="ground-truth file or folder (NIfTI)")],
+    labels: Annotated[
+        list[str] | None, typer.Option("--labels", help="name=value, repeatable (default: from --config)")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="recipe whose labels to use")] = None,
+    tolerance: Annotated[float, typer.Option(help="surface Dice tolerance in mm")] = 2.0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the CSV files")] = Path("evaluation"),
+) -> None:
+    """Dice, IoU, HD95, average surface distance and surface Dice per case and label, with a summary."""
+    from volseg.evaluate import evaluate_files, pair_files
+
+    names: dict[str, int] = {}
+    for item in labels or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise UserError(f"'{item}' is not of the form name=value", "--labels")
+        names[name.strip()] = int(value)
+    if not names and config is not None:
+        from volseg.recipe import load_recipe
+
+        names = {n: lab.value for n, lab in load_recipe(config).data.labels.items()}
+    if not names:
+        raise UserError("say which labels to score: --labels liver=1 --labels tumour=2, or --config RECIPE", "--labels")
+    names = {n: v for n, v in names.items() if v != 0}
+    rows, summary = evaluate_files(pair_files(pred, gt), names, tolerance, out)
+    _echo(f"{len({r['case'] for r in rows})} case(s); per-case metrics and summary in {out}")
+    _echo(f"{'label':<16}{'metric':<8}{'mean':>10}{'median':>10}{'std':>10}{'n':>5}{'undef':>7}")
+    for r in summary:
+        _echo(
+            f"{r['label']:<16}{r['metric']:<8}{r['mean']:>10.4f}{r['median']:>10.4f}{r['std']:>10.4f}"
+            f"{r['n']:>5}{r['n_undefined']:>7}"
+        )
+
+
 @app.command("export-bundles")
 def export_bundles(
     configs: Annotated[Path, typer.Option(help="folder of recipes")] = REPO_CONFIGS,

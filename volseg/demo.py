@@ -64,17 +64,23 @@ def run_demo(
 
     echo("[4/4] held-out Dice per label")
     labels = {n: lab.value for n, lab in recipe.data.labels.items()}
+    # A label absent from both the reference and the prediction is not scored (its Dice would be 1 by rule).
     scores: dict[str, list[float]] = {n: [] for n, v in labels.items() if v}
     for img, pred_path in zip(tests, written, strict=True):
         ref_path = data_dir / "labelsTs" / img.name
         pred = np.asarray(nib.load(str(pred_path)).dataobj)
         ref = np.asarray(nib.load(str(ref_path)).dataobj)
         d = dice_per_label(pred, ref, labels)
+        shown = []
         for k, v in d.items():
-            scores[k].append(v)
-        echo(f"      {img.name}: " + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
-    mean = {k: float(np.mean(v)) for k, v in scores.items()}
-    echo("      mean:  " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()))
+            if (ref == labels[k]).any() or (pred == labels[k]).any():
+                scores[k].append(v)
+                shown.append(f"{k} {v:.3f}")
+            else:
+                shown.append(f"{k} absent")
+        echo(f"      {img.name}: " + "  ".join(shown))
+    mean = {k: float(np.mean(v)) for k, v in scores.items() if v}
+    echo("      mean:  " + "  ".join(f"{k} {v:.3f} (n={len(scores[k])})" for k, v in mean.items()))
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "train_seconds": round(result.seconds, 1),

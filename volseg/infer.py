@@ -149,7 +149,11 @@ class Predictor:
                 meta={"original_channel_dim": "no_channel", "filename_or_obj": str(src), "space": "RAS"},
             )
             # The bundle's chain after its loader.
-            rest = Compose(self.preprocessing.transforms[1:])
+            from monai.transforms import LoadImaged
+
+            steps = list(self.preprocessing.transforms)
+            first = next((i + 1 for i, t in enumerate(steps) if isinstance(t, LoadImaged)), 0)
+            rest = Compose(steps[first:])
             return rest({"image": image}), vol
         try:
             return self.preprocessing({"image": str(src)}), None
