@@ -82,11 +82,11 @@ def _compose(transforms: list[dict[str, Any]] | str) -> dict[str, Any]:
 # which fails on that str. The path is moved to a key that does not start with "image_" before anything else and
 # moved back at the end of the postprocessing, because MONAI Label's writer takes the result's file extension from
 # "image_path". Under `monai.bundle run` (no "image_path" in the dictionary) these steps do nothing.
-STASH_IMAGE_PATH = [
+STASH_IMAGE_PATH: list[dict[str, Any]] = [
     {"_target_": "CopyItemsd", "keys": "image_path", "names": "source_image_path", "allow_missing_keys": True},
     {"_target_": "DeleteItemsd", "keys": "image_path"},
 ]
-RESTORE_IMAGE_PATH = [
+RESTORE_IMAGE_PATH: list[dict[str, Any]] = [
     {"_target_": "CopyItemsd", "keys": "source_image_path", "names": "image_path", "allow_missing_keys": True},
 ]
 
@@ -99,18 +99,22 @@ def inference_preprocessing(recipe: Recipe) -> list[dict[str, Any]]:
 def inference_config(recipe: Recipe, dataset_dir: str = "/workspace/data") -> dict[str, Any]:
     """configs/inference.json: segments every NIfTI in ``dataset_dir`` into ``output_dir``."""
     spec = NETWORKS[recipe.model.name]
-    post = T.infer_postprocessing(recipe) + RESTORE_IMAGE_PATH + [
-        {
-            "_target_": "SaveImaged",
-            "keys": "pred",
-            "output_dir": "@output_dir",
-            "output_postfix": "seg",
-            "output_dtype": "$numpy.uint8",
-            "resample": False,
-            "separate_folder": False,
-            "squeeze_end_dims": True,
-        }
-    ]
+    post = (
+        T.infer_postprocessing(recipe)
+        + RESTORE_IMAGE_PATH
+        + [
+            {
+                "_target_": "SaveImaged",
+                "keys": "pred",
+                "output_dir": "@output_dir",
+                "output_postfix": "seg",
+                "output_dtype": "$numpy.uint8",
+                "resample": False,
+                "separate_folder": False,
+                "squeeze_end_dims": True,
+            }
+        ]
+    )
     cfg: dict[str, Any] = {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
         "bundle_root": ".",

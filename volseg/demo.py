@@ -68,11 +68,11 @@ def run_demo(
     scores: dict[str, list[float]] = {n: [] for n, v in labels.items() if v}
     for img, pred_path in zip(tests, written, strict=True):
         ref_path = data_dir / "labelsTs" / img.name
-        pred = np.asarray(nib.load(str(pred_path)).dataobj)
-        ref = np.asarray(nib.load(str(ref_path)).dataobj)
-        d = dice_per_label(pred, ref, labels)
+        pred = np.asarray(nib.load(str(pred_path)).dataobj)  # type: ignore[attr-defined]
+        ref = np.asarray(nib.load(str(ref_path)).dataobj)  # type: ignore[attr-defined]
+        per_label = dice_per_label(pred, ref, labels)
         shown = []
-        for k, v in d.items():
+        for k, v in per_label.items():
             if (ref == labels[k]).any() or (pred == labels[k]).any():
                 scores[k].append(v)
                 shown.append(f"{k} {v:.3f}")

@@ -260,7 +260,7 @@ def save_prediction(
     if pred.source.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
         import nibabel as nib
 
-        ref = nib.load(str(pred.source))
+        ref: Any = nib.load(str(pred.source))
         if tuple(ref.shape[: pred.labels.ndim]) != pred.labels.shape:
             raise RuntimeError(
                 f"prediction shape {pred.labels.shape} differs from the input's {ref.shape}: "

@@ -101,7 +101,7 @@ def _per_label(value: Any, names: list[str]) -> dict[str, float]:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -237,7 +237,7 @@ def train(
 
     losses: list[float] = []
     epoch_losses: list[float] = []
-    state = {"best": -1.0, "best_epoch": 0, "dice": {}, "iou": {}, "epoch_t": time.perf_counter()}
+    state: dict[str, Any] = {"best": -1.0, "best_epoch": 0, "dice": {}, "iou": {}, "epoch_t": time.perf_counter()}
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _collect(engine: Any) -> None:

@@ -36,7 +36,8 @@ def _intensity(recipe: Recipe) -> list[Component]:
                 "clip": True,
             }
         ]
-    return [{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": inten.nonzero, "channel_wise": True}]
+    nonzero = inten.nonzero if inten is not None else True
+    return [{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": nonzero, "channel_wise": True}]
 
 
 def _crop(keys: list[str], recipe: Recipe) -> list[Component]:
