@@ -58,6 +58,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.max_epochs=3")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    nproc_per_node: Annotated[
+        int, typer.Option("--nproc-per-node", min=1, help="processes to spawn (one per GPU; gloo on CPU)")
+    ] = 1,
 ) -> None:
     """Train a recipe; the run folder becomes a MONAI bundle."""
     from volseg.recipe import load_recipe
@@ -67,10 +70,22 @@ def train(
     if root is None:
         raise UserError("no data given: pass --data DIR or set data.root in the recipe", config)
     _quiet_libraries()
+    from volseg.train import TrainingInterrupted
     from volseg.train import train as run_train
 
     run_dir = out or Path("runs") / recipe.name
-    result = run_train(recipe, root, run_dir, resume=resume, device=device, echo=_echo, overrides=set_ or [])
+    try:
+        result = run_train(
+            recipe, root, run_dir, resume=resume, device=device, echo=_echo, overrides=set_ or [],
+            nproc_per_node=nproc_per_node,
+        )  # fmt: skip
+    except TrainingInterrupted as stop:
+        typer.echo(f"volseg: {stop}; continue with --resume", err=True)
+        raise typer.Exit(128 + stop.signum) from None
+    import ignite.distributed as idist
+
+    if idist.get_rank() != 0:
+        return
     dice = "  ".join(f"{k} {v:.4f}" for k, v in result.per_label_dice.items())
     _echo(
         f"done: {result.epochs} epochs in {result.seconds:.0f} s; best mean Dice {result.best_mean_dice:.4f} "

@@ -124,20 +124,30 @@ def _relative_cases(cases: list[dict[str, str]], base: Path) -> list[dict[str, s
     return [{k: os.path.relpath(v, base) for k, v in c.items()} for c in cases]
 
 
-def prepare_run(
-    recipe: Recipe, data_root: str | Path, run_dir: Path, resume: bool
-) -> tuple[list[dict[str, str]], list[dict[str, str]], Path]:
-    """Check the run folder and the data, split the cases and write the bundle's configs."""
+def split_run_cases(recipe: Recipe, data_root: str | Path) -> tuple[list[dict[str, str]], list[dict[str, str]], Path]:
+    """The recipe's deterministic train/validation split, and the folder case paths are relative to."""
+    cases = load_datalist(data_root, recipe.data.source)
+    s = recipe.data.split
+    train_cases, val_cases = split_cases(cases, s.val_fraction, s.folds, s.fold, s.seed)
+    root = Path(data_root).resolve()
+    return train_cases, val_cases, (root.parent if root.is_file() else root)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to resume nothing, or to train over a finished or running training without --resume."""
     last = run_dir / LAST
     if resume and not last.is_file():
         raise UserError(f"nothing to resume: {LAST} is missing", run_dir)
     if not resume and last.is_file():
         raise UserError("this run folder already holds a training; add --resume or choose another --out", run_dir)
-    cases = load_datalist(data_root, recipe.data.source)
-    s = recipe.data.split
-    train_cases, val_cases = split_cases(cases, s.val_fraction, s.folds, s.fold, s.seed)
-    root = Path(data_root).resolve()
-    base = root.parent if root.is_file() else root
+
+
+def prepare_run(
+    recipe: Recipe, data_root: str | Path, run_dir: Path, resume: bool
+) -> tuple[list[dict[str, str]], list[dict[str, str]], Path]:
+    """Check the run folder and the data, split the cases and write the bundle's configs."""
+    check_run_dir(run_dir, resume)
+    train_cases, val_cases, base = split_run_cases(recipe, data_root)
     write_bundle_configs(
         recipe,
         run_dir,
@@ -147,6 +157,15 @@ def prepare_run(
         data_note=f"{len(train_cases)} training and {len(val_cases)} validation cases from `{base}`.",
     )
     return train_cases, val_cases, base
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a checkpoint was saved first."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted by signal {signum}; checkpoint saved to {checkpoint}")
 
 
 def train(
@@ -159,6 +178,7 @@ def train(
     progress: bool | None = None,
     echo: Callable[[str], None] = print,
     overrides: list[str] | None = None,
+    nproc_per_node: int = 1,
 ) -> TrainResult:
     """Train a recipe on a data set; the run folder becomes a MONAI bundle.
 
@@ -169,60 +189,193 @@ def train(
         resume: continue from ``checkpoints/last.pt``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar (default: when stderr is a terminal).
-        echo: where the per-epoch summary lines go.
+        echo: where the per-epoch summary lines go (rank 0 only when distributed).
         overrides: the ``--set`` overrides, recorded in the run information.
-    """
-    import logging
+        nproc_per_node: spawn this many processes through ignite.distributed (NCCL on CUDA, gloo on CPU). Under
+            ``torchrun`` (``WORLD_SIZE`` set) the processes already exist and this stays 1.
 
+    Raises:
+        TrainingInterrupted: SIGINT/SIGTERM arrived; the checkpoint to resume from was written first.
+    """
+    run_dir = Path(run_dir).resolve()
+    if nproc_per_node > 1:
+        import ignite.distributed as idist
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(
+                "--nproc-per-node cannot be combined with torchrun; use one or the other", "--nproc-per-node"
+            )
+        resolve_device(device)
+        check_run_dir(run_dir, resume)
+        split_run_cases(recipe, data_root)  # data errors surface here, before any process is spawned
+        backend = _backend(device)
+        with idist.Parallel(backend=backend, nproc_per_node=nproc_per_node) as parallel:
+            parallel.run(_spawned, recipe, str(data_root), str(run_dir), resume, device, progress, overrides)
+        return _read_result(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import ignite.distributed as idist
+
+        with idist.Parallel(backend=_backend(device)) as parallel:
+            parallel.run(_spawned, recipe, str(data_root), str(run_dir), resume, device, progress, overrides)
+        return _read_result(run_dir)
+    return _run(recipe, data_root, run_dir, resume=resume, device=device, progress=progress, echo=echo,
+                overrides=overrides)  # fmt: skip
+
+
+def _backend(device: str | None) -> str:
+    wants_cuda = device in (None, "", "auto") and torch.cuda.is_available() or str(device).startswith("cuda")
+    return "nccl" if wants_cuda else "gloo"
+
+
+def _spawned(
+    local_rank: int,
+    recipe: Recipe,
+    data_root: str,
+    run_dir: str,
+    resume: bool,
+    device: str | None,
+    progress: bool | None,
+    overrides: list[str] | None,
+) -> None:
+    """Entry point of each distributed process (ignite.distributed.Parallel.run)."""
+    import ignite.distributed as idist
+
+    if torch.cuda.is_available() and _backend(device) == "nccl":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    echo = print if idist.get_rank() == 0 else (lambda s: None)
+    _run(recipe, data_root, Path(run_dir), resume=resume, device=device, progress=progress, echo=echo,
+         overrides=overrides)  # fmt: skip
+
+
+def _write_result(run_dir: Path, result: TrainResult) -> None:
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+    (run_dir / "logs" / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _read_result(run_dir: Path) -> TrainResult:
+    data = json.loads((run_dir / "logs" / "result.json").read_text())
+    data["run_dir"] = Path(data["run_dir"])
+    return TrainResult(**data)
+
+
+def _average_buffers(net: torch.nn.Module, idist: Any) -> None:
+    """Average floating-point buffers (batch-norm running statistics) over ranks, so every rank holds one state.
+
+    DDP keeps parameters equal; running statistics are updated by each rank's own forward passes.
+    """
+    for buf in net.buffers():
+        if buf.is_floating_point():
+            buf.copy_(idist.all_reduce(buf.detach().clone()) / idist.get_world_size())
+
+
+def _state_digest(net: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run(
+    recipe: Recipe,
+    data_root: str | Path,
+    run_dir: Path,
+    *,
+    resume: bool,
+    device: str | None,
+    progress: bool | None,
+    echo: Callable[[str], None],
+    overrides: list[str] | None,
+) -> TrainResult:
+    """One training process (the only one, or one rank of a distributed run)."""
+    import logging
+    import signal
+    import threading
+
+    import ignite.distributed as idist
     from ignite.engine import Events
     from ignite.handlers import EarlyStopping
     from monai.bundle import ConfigParser
+    from monai.data import partition_dataset
     from monai.handlers import CheckpointSaver, from_engine
     from monai.utils import set_determinism
 
     from volseg.bundle import train_config
 
     t0 = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
+    rank, world = idist.get_rank(), idist.get_world_size()
     dev = resolve_device(device)
-    train_cases, val_cases, base = prepare_run(recipe, data_root, run_dir, resume)
+    if rank == 0:
+        train_cases, val_cases, base = prepare_run(recipe, data_root, run_dir, resume)
+    else:
+        check_run_dir(run_dir, resume)
+        train_cases, val_cases, base = split_run_cases(recipe, data_root)
+    if world > 1:
+        idist.barrier()
     names = recipe.data.label_names
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     logging.getLogger("monai.handlers.StatsHandler").setLevel(logging.WARNING)
     logging.getLogger("ignite").setLevel(logging.WARNING)
 
-    info = {
-        "volseg_version": __version__,
-        "git_revision": _git_revision(),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv,
-        "overrides": overrides or [],
-        "data_root": str(base),
-        "device": str(dev),
-        "python": platform.python_version(),
-        "packages": _versions(),
-        "train_cases": len(train_cases),
-        "val_cases": len(val_cases),
-    }
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs" / ("run_info.json" if not resume else "run_info_resume.json")).write_text(
-        json.dumps(info, indent=2) + "\n"
-    )
+    if rank == 0:
+        info = {
+            "volseg_version": __version__,
+            "git_revision": _git_revision(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": sys.argv,
+            "overrides": overrides or [],
+            "data_root": str(base),
+            "device": str(dev),
+            "world_size": world,
+            "python": platform.python_version(),
+            "packages": _versions(),
+            "train_cases": len(train_cases),
+            "val_cases": len(val_cases),
+        }
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs" / ("run_info.json" if not resume else "run_info_resume.json")).write_text(
+            json.dumps(info, indent=2) + "\n"
+        )
 
-    cfg = train_config(recipe, str(base), _relative_cases(train_cases, base), _relative_cases(val_cases, base))
+    rel_train, rel_val = _relative_cases(train_cases, base), _relative_cases(val_cases, base)
+    cfg = train_config(recipe, str(base), rel_train, rel_val)
     parser = ConfigParser(cfg)
     parser["bundle_root"] = str(run_dir)
     parser["device"] = f"$torch.device('{dev}')"
+    if world > 1:
+        # Each rank caches only its share of the training cases (padded to equal length, so that every rank runs
+        # the same number of iterations); validation is split without padded duplicates and its metrics are
+        # gathered across ranks by MONAI's metric handlers. The trainer runs the network in DDP; the evaluator
+        # uses the plain module (no collective in its forward).
+        parser["train_cases"] = partition_dataset(rel_train, num_partitions=world, even_divisible=True)[rank]
+        parser["validate#dataloader#sampler"] = {
+            "_target_": "DistributedSampler",
+            "dataset": "@validate#dataset",
+            "shuffle": False,
+            "even_divisible": len(rel_val) < world,
+        }
+        ids = "[@device]" if dev.type == "cuda" else "None"
+        parser["train#trainer#network"] = f"$torch.nn.parallel.DistributedDataParallel(@network, device_ids={ids})"
+        if rank > 0:  # only rank 0 logs and writes
+            quiet = ("StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver")
+            for key in ("train#handlers", "validate#handlers"):
+                parser[key] = [h for h in parser[key] if h.get("_target_") not in quiet]
     if sys.path[0] != str(run_dir):
         sys.path.insert(0, str(run_dir))
-    set_determinism(seed=recipe.train.seed)
-    echo(f"caching {len(train_cases)} training and {len(val_cases)} validation cases")
+    set_determinism(seed=recipe.train.seed + rank)
+    echo(
+        f"caching {len(train_cases)} training and {len(val_cases)} validation cases"
+        + (f" over {world} processes" if world > 1 else "")
+    )
     trainer = parser.get_parsed_content("train#trainer")
     evaluator = parser.get_parsed_content("validate#evaluator")
     network = parser.get_parsed_content("network")
     optimizer = parser.get_parsed_content("optimizer")
     scheduler = parser.get_parsed_content("lr_scheduler") if "lr_scheduler" in cfg else None
-    saver = next(h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver))
+    saver = next((h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver)), None)
 
     stopper = None
     if recipe.train.early_stopping is not None:
@@ -238,6 +391,7 @@ def train(
     losses: list[float] = []
     epoch_losses: list[float] = []
     state: dict[str, Any] = {"best": -1.0, "best_epoch": 0, "dice": {}, "iou": {}, "epoch_t": time.perf_counter()}
+    signals: list[int] = []
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _collect(engine: Any) -> None:
@@ -260,9 +414,24 @@ def train(
             objs["early_stopping"] = stopper
         return objs
 
+    def save_checkpoint() -> None:
+        if rank != 0:
+            return
+        ckpt = {k: v.state_dict() for k, v in objects().items()}
+        best = saver._key_metric_checkpoint if saver is not None else None
+        ckpt["best_saver"] = best.state_dict() if best is not None else {}
+        ckpt["volseg"] = {"losses": losses, "best": state["best"], "best_epoch": state["best_epoch"]}
+        ckpt["rng"] = _rng_state()
+        _atomic_save(ckpt, run_dir / LAST)
+
     @trainer.on(Events.EPOCH_COMPLETED)
     def _epoch_end(engine: Any) -> None:
-        loss = float(np.mean(epoch_losses)) if epoch_losses else float("nan")
+        if world > 1:
+            _average_buffers(network, idist)
+        total = torch.tensor([float(np.sum(epoch_losses)), float(len(epoch_losses))], dtype=torch.float64)
+        if world > 1:
+            total = idist.all_reduce(total)
+        loss = float(total[0] / total[1]) if total[1] else float("nan")
         losses.append(loss)
         epoch_losses.clear()
         lr = optimizer.param_groups[0]["lr"]
@@ -273,13 +442,15 @@ def train(
         line += f"  {time.perf_counter() - state['epoch_t']:.1f} s"
         state["epoch_t"] = time.perf_counter()
         echo(line)
-        ckpt = {k: v.state_dict() for k, v in objects().items()}
-        ckpt["best_saver"] = saver._key_metric_checkpoint.state_dict() if saver._key_metric_checkpoint else {}
-        ckpt["volseg"] = {"losses": losses, "best": state["best"], "best_epoch": state["best_epoch"]}
-        ckpt["rng"] = _rng_state()
-        _atomic_save(ckpt, run_dir / LAST)
+        save_checkpoint()
 
-    if progress if progress is not None else sys.stderr.isatty():
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _on_signal(engine: Any) -> None:
+        if signals:
+            save_checkpoint()
+            engine.terminate()
+
+    if rank == 0 and (progress if progress is not None else sys.stderr.isatty()):
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
@@ -289,21 +460,31 @@ def train(
         for k, obj in objects().items():
             if k in ckpt:
                 obj.load_state_dict(ckpt[k])
-        if ckpt.get("best_saver") and saver._key_metric_checkpoint is not None:
+        if ckpt.get("best_saver") and saver is not None and saver._key_metric_checkpoint is not None:
             saver._key_metric_checkpoint.load_state_dict(ckpt["best_saver"])
         v = ckpt.get("volseg", {})
         losses.extend(v.get("losses", []))
         state["best"], state["best_epoch"] = v.get("best", -1.0), v.get("best_epoch", 0)
         evaluator.state.best_metric = state["best"]
         evaluator.state.best_metric_epoch = state["best_epoch"]
-        if "rng" in ckpt:
+        if "rng" in ckpt and world == 1:
             _set_rng_state(ckpt["rng"])
         trainer.state.max_epochs = recipe.train.max_epochs
-        echo(f"resuming {run_dir} after epoch {trainer.state.epoch}")
+        echo(f"resuming {run_dir} after epoch {trainer.state.epoch} (iteration {trainer.state.iteration})")
         if trainer.state.epoch >= recipe.train.max_epochs:
             echo("the run had already reached train.max_epochs; raise it with --set train.max_epochs=N")
 
-    trainer.run()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: signals.append(signum))
+    try:
+        trainer.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signals:
+        raise TrainingInterrupted(signals[0], run_dir / LAST)
 
     stopped = stopper is not None and trainer.state.epoch < recipe.train.max_epochs
     result = TrainResult(
@@ -317,7 +498,18 @@ def train(
         losses=losses,
         stopped_early=stopped,
     )
-    finish_bundle(recipe, run_dir, result, network, base, len(train_cases), len(val_cases))
+    if world > 1:
+        digests = idist.all_gather(_state_digest(network))
+        if rank == 0:
+            (run_dir / "logs" / "distributed.json").write_text(
+                json.dumps({"world_size": world, "backend": idist.backend(), "state_digests": digests,
+                            "identical": len(set(digests)) == 1}, indent=2) + "\n"
+            )  # fmt: skip
+    if rank == 0:
+        finish_bundle(recipe, run_dir, result, network, base, len(train_cases), len(val_cases))
+        _write_result(run_dir, result)
+    if world > 1:
+        idist.barrier()
     return result
 
 
