@@ -73,3 +73,19 @@ def test_torchrun_launch(tiny_data: Path, tiny_recipe_path: Path, tmp_path: Path
     info = json.loads((tmp_path / "run" / "logs" / "distributed.json").read_text())
     assert info["world_size"] == 2 and info["identical"]
     assert (tmp_path / "run" / "models" / "model.ts").is_file()
+
+
+def test_batch_inference_shards_cases_over_processes(trained_bundle: Path, tmp_path: Path) -> None:
+    from tests.conftest import save_nifti
+    from volseg.data.synth import liver_ct_phantom
+    from volseg.infer import run_inference
+
+    for seed in (31, 32, 33):
+        ph = liver_ct_phantom(seed, shape=(40, 36, 20))
+        save_nifti(tmp_path / "scans" / f"s{seed}.nii.gz", ph.image, ph.affine)
+    written, failures = run_inference(
+        [str(tmp_path / "scans")], tmp_path / "out", trained_bundle, "cpu", echo=lambda s: None, nproc_per_node=2
+    )
+    assert not failures
+    assert sorted(p.name for p in written) == ["s31_seg.nii.gz", "s32_seg.nii.gz", "s33_seg.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)

@@ -111,14 +111,18 @@ def infer(
     save_probabilities: Annotated[
         bool, typer.Option("--save-probabilities", help="also write class probabilities (NIfTI, 16-bit)")
     ] = False,
+    nproc_per_node: Annotated[
+        int, typer.Option("--nproc-per-node", min=1, help="processes to shard the cases over (one per GPU)")
+    ] = 1,
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
     from volseg.infer import run_inference
 
     written, failures = run_inference(
-        inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series, probabilities=save_probabilities
-    )
+        inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series,
+        probabilities=save_probabilities, nproc_per_node=nproc_per_node,
+    )  # fmt: skip
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")
         for src, why in failures:

@@ -9,6 +9,7 @@ input's header and affine, so shape, affine and axis order are the input's.
 from __future__ import annotations
 
 import glob
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -301,8 +302,11 @@ def run_inference(
     formats: list[str] | None = None,
     series_uid: str | None = None,
     probabilities: bool = False,
+    nproc_per_node: int = 1,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment every input; a bad input is reported and skipped.
+
+    With ``nproc_per_node`` > 1 (or under torchrun), the cases are sharded across processes, one per GPU.
 
     Returns:
         (the written NIfTI, or first written file, per good case; (input, reason) per failed case).
@@ -314,8 +318,30 @@ def run_inference(
             raise UserError(f"unknown format '{f}'; known: {', '.join(FORMATS)}", "--format")
     bundle = Path(bundle_dir) if bundle_dir else find_latest_run()
     sources = expand_inputs(inputs)
+    if nproc_per_node > 1:
+        return _spawn_inference(sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities)
+    # Under torchrun (or a spawned worker), each rank segments its own share of the cases.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        sources = sources[rank::world]
+        if torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+        echo(f"rank {rank}/{world}: {len(sources)} case(s)")
+    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities)
+
+
+def _segment(
+    sources: list[Path],
+    out: Path,
+    bundle: Path,
+    device: str | None,
+    echo: Callable[[str], None],
+    formats: list[str] | None,
+    series_uid: str | None,
+    probabilities: bool,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Segment the given cases one after the other with one predictor."""
     predictor = Predictor(bundle, device)
-    out = Path(out_dir)
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
@@ -334,3 +360,68 @@ def run_inference(
         shown = ", ".join(str(p) for p in paths)
         echo(f"[{i}/{len(sources)}] {src.name} -> {shown}  {pred.seconds:.1f} s  voxels per label {counts.tolist()}")
     return written, failures
+
+
+def _spawn_inference(
+    sources: list[Path],
+    out_dir: str | Path,
+    bundle: Path,
+    device: str | None,
+    nproc: int,
+    formats: list[str] | None,
+    series_uid: str | None,
+    probabilities: bool,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Shard the cases over ``nproc`` processes started by ignite.distributed; gather what each wrote."""
+    import json
+    import tempfile
+
+    import ignite.distributed as idist
+
+    backend = "nccl" if torch.cuda.is_available() and device not in ("cpu",) else "gloo"
+    with tempfile.TemporaryDirectory(prefix="volseg-infer-") as reports:
+        with idist.Parallel(backend=backend, nproc_per_node=nproc) as parallel:
+            parallel.run(
+                _infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, formats, series_uid,
+                probabilities, reports,
+            )  # fmt: skip
+        written: list[Path] = []
+        failures: list[tuple[Path, str]] = []
+        for report in sorted(Path(reports).glob("rank*.json")):
+            data = json.loads(report.read_text())
+            written += [Path(p) for p in data["written"]]
+            failures += [(Path(a), b) for a, b in data["failures"]]
+    return written, failures
+
+
+def _infer_worker(
+    local_rank: int,
+    sources: list[str],
+    out_dir: str,
+    bundle: str,
+    device: str | None,
+    formats: list[str] | None,
+    series_uid: str | None,
+    probabilities: bool,
+    reports: str,
+) -> None:
+    import json
+
+    import ignite.distributed as idist
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if torch.cuda.is_available() and device not in ("cpu",):
+        device = f"cuda:{local_rank}"
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    mine = sources[rank::world]
+
+    def echo(line: str) -> None:
+        print(f"[rank {rank}] {line}", flush=True)
+
+    written, failures = (
+        _segment([Path(p) for p in mine], Path(out_dir), Path(bundle), device, echo, formats, series_uid, probabilities)
+        if mine
+        else ([], [])
+    )
+    report = {"written": [str(p) for p in written], "failures": [(str(a), b) for a, b in failures]}
+    (Path(reports) / f"rank{rank}.json").write_text(json.dumps(report))
