@@ -75,3 +75,22 @@ def test_label_survives_preprocessing_and_back(grid: str, tmp_path: Path) -> Non
     d = dice_per_label(back, ph.label, {"liver": 1, "tumour": 2})
     assert d["liver"] >= 0.98, d
     assert d["tumour"] >= 0.95, d
+
+
+@pytest.mark.parametrize("grid", list(GRIDS), ids=list(GRIDS))
+def test_fast_engine_agrees_with_the_bundle_chain(grid: str, trained_bundle: Path, tmp_path: Path) -> None:
+    from volseg.infer import Predictor
+
+    ph = liver_ct_phantom(8, shape=(56, 48, 24), **GRIDS[grid])
+    src = save_nifti(tmp_path / f"{grid}.nii.gz", ph.image, ph.affine)
+    fast = Predictor(trained_bundle, "cpu", "fast")
+    chain = Predictor(trained_bundle, "cpu", "monai")
+    assert fast.fast is not None and chain.fast is None
+    a, b = fast.predict(src), chain.predict(src)
+    assert a.labels.shape == b.labels.shape == ph.image.shape
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+    agree = (a.labels == b.labels).mean()
+    assert agree > 0.995, agree
+    for name, d in dice_per_label(a.labels, b.labels, {"liver": 1, "tumour": 2}).items():
+        if (b.labels == {"liver": 1, "tumour": 2}[name]).sum() > 50:
+            assert d >= 0.98, (name, d)

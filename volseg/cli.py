@@ -114,6 +114,9 @@ def infer(
     nproc_per_node: Annotated[
         int, typer.Option("--nproc-per-node", min=1, help="processes to shard the cases over (one per GPU)")
     ] = 1,
+    engine: Annotated[
+        str, typer.Option(help="fast (volseg's engine, default) or monai (the bundle's MONAI transform chain)")
+    ] = "fast",
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
@@ -121,7 +124,7 @@ def infer(
 
     written, failures = run_inference(
         inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series,
-        probabilities=save_probabilities, nproc_per_node=nproc_per_node,
+        probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine,
     )  # fmt: skip
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")

@@ -89,12 +89,17 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
 class Predictor:
     """Segments images with a trained bundle.
 
+    Two engines compute the same segmentation. ``fast`` (the default for 3D volseg bundles on NIfTI and DICOM
+    input, see :mod:`volseg.fastpath`) avoids full-resolution copies and resamples cheaply; ``monai`` runs the
+    bundle's own MONAI transform chain (any bundle, any image format MONAI reads).
+
     Args:
         bundle_dir: a bundle with configs/inference.json and models/model.pt.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        engine: ``fast`` or ``monai``.
     """
 
-    def __init__(self, bundle_dir: str | Path, device: str | None = None) -> None:
+    def __init__(self, bundle_dir: str | Path, device: str | None = None, engine: str = "fast") -> None:
         import sys
 
         from monai.bundle import ConfigParser
@@ -132,6 +137,16 @@ class Predictor:
             state = state["model"]
         net.load_state_dict(state)
         self.network = net.to(self.device).eval()
+        if engine not in ("fast", "monai"):
+            raise UserError(f"unknown engine '{engine}'; known: fast, monai", "--engine")
+        self.fast = None
+        if engine == "fast" and (self.bundle_dir / "configs" / "volseg_recipe.yaml").is_file():
+            from volseg.bundle import read_bundle_recipe
+            from volseg.fastpath import FastEngine
+
+            recipe = read_bundle_recipe(self.bundle_dir)
+            if recipe.model.spatial_dims == 3:
+                self.fast = FastEngine(recipe, self.network, self.device)
 
     def _load(self, src: Path, series_uid: str | None) -> tuple[dict[str, Any], Any]:
         """Preprocess one input; DICOM series folders are read by volseg's own series reader."""
@@ -173,6 +188,9 @@ class Predictor:
 
         t0 = time.perf_counter()
         src = Path(source)
+        name = src.name.lower()
+        if self.fast is not None and (src.is_dir() or name.endswith((".nii", ".nii.gz"))):
+            return self._predict_fast(src, series_uid, probabilities, t0)
         data, vol = self._load(src, series_uid)
         image = data["image"]
         with torch.inference_mode():
@@ -194,6 +212,29 @@ class Predictor:
             affine = vol.affine
             files = list(vol.series.files)
             notes = list(vol.warnings)
+        return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
+
+    def _predict_fast(self, src: Path, series_uid: str | None, probabilities: bool, t0: float) -> Prediction:
+        from volseg.fastpath import read_nifti
+
+        assert self.fast is not None
+        files = None
+        notes: list[str] = []
+        if src.is_dir():
+            from volseg.data.dicom import choose_series, list_series, read_series
+
+            chosen, skipped = choose_series(list_series(src), series_uid)
+            vol = read_series(src, chosen.uid)
+            arr, affine = vol.array, vol.affine
+            files = list(vol.series.files)
+            notes = [f"chose {chosen.summary()}"] + [f"skipped {s.summary()}" for s in skipped] + list(vol.warnings)
+        else:
+            arr, affine, _ = read_nifti(src)
+        want = self.fast.recipe.model.in_channels
+        channels = arr.shape[3] if arr.ndim == 4 else 1
+        if arr.ndim not in (3, 4) or channels != want:
+            raise UserError(f"expected a 3D image with {want} channel(s), got shape {arr.shape}", src)
+        labels, probs = self.fast.segment(arr, affine, probabilities)
         return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
 
 
@@ -303,6 +344,7 @@ def run_inference(
     series_uid: str | None = None,
     probabilities: bool = False,
     nproc_per_node: int = 1,
+    engine: str = "fast",
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment every input; a bad input is reported and skipped.
 
@@ -319,7 +361,9 @@ def run_inference(
     bundle = Path(bundle_dir) if bundle_dir else find_latest_run()
     sources = expand_inputs(inputs)
     if nproc_per_node > 1:
-        return _spawn_inference(sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities)
+        return _spawn_inference(
+            sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities, engine
+        )
     # Under torchrun (or a spawned worker), each rank segments its own share of the cases.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -327,7 +371,7 @@ def run_inference(
         if torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         echo(f"rank {rank}/{world}: {len(sources)} case(s)")
-    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities)
+    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine)
 
 
 def _segment(
@@ -339,9 +383,10 @@ def _segment(
     formats: list[str] | None,
     series_uid: str | None,
     probabilities: bool,
+    engine: str = "fast",
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment the given cases one after the other with one predictor."""
-    predictor = Predictor(bundle, device)
+    predictor = Predictor(bundle, device, engine)
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
@@ -371,6 +416,7 @@ def _spawn_inference(
     formats: list[str] | None,
     series_uid: str | None,
     probabilities: bool,
+    engine: str,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Shard the cases over ``nproc`` processes started by ignite.distributed; gather what each wrote."""
     import json
@@ -383,7 +429,7 @@ def _spawn_inference(
         with idist.Parallel(backend=backend, nproc_per_node=nproc) as parallel:
             parallel.run(
                 _infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, formats, series_uid,
-                probabilities, reports,
+                probabilities, reports, engine,
             )  # fmt: skip
         written: list[Path] = []
         failures: list[tuple[Path, str]] = []
@@ -404,6 +450,7 @@ def _infer_worker(
     series_uid: str | None,
     probabilities: bool,
     reports: str,
+    engine: str = "fast",
 ) -> None:
     import json
 
@@ -419,7 +466,17 @@ def _infer_worker(
         print(f"[rank {rank}] {line}", flush=True)
 
     written, failures = (
-        _segment([Path(p) for p in mine], Path(out_dir), Path(bundle), device, echo, formats, series_uid, probabilities)
+        _segment(
+            [Path(p) for p in mine],
+            Path(out_dir),
+            Path(bundle),
+            device,
+            echo,
+            formats,
+            series_uid,
+            probabilities,
+            engine,
+        )
         if mine
         else ([], [])
     )
