@@ -253,11 +253,12 @@ def test_failure_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.Monk
         write_segmentation(labels, affine, tmp_path / "other", ["seg.nrrd"], SEGMENTS)
     monkeypatch.undo()
 
-    def broken_save(img: object, filename: str | Path) -> None:
-        Path(filename).write_bytes(b"half a header")
-        raise KeyboardInterrupt
+    def broken_rename(src: str | Path, dst: str | Path) -> None:
+        raise KeyboardInterrupt  # the temporary file is complete, the rename never happens
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    import volseg.data.writers as writers_module
+
+    monkeypatch.setattr(writers_module.os, "replace", broken_rename)
     with pytest.raises(KeyboardInterrupt):
         write_segmentation(labels, affine, tmp_path / "case", ["nifti"], SEGMENTS)
     assert files_in(tmp_path) == ["case.nrrd"]  # no temporary files, no partial outputs
