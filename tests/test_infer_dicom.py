@@ -78,3 +78,24 @@ def test_formats_and_probabilities(trained_bundle: Path, tmp_path: Path) -> None
         [str(src)], out, trained_bundle, "cpu", echo=lambda s: None, formats=["dicom-seg"]
     )
     assert failures and "DICOM" in failures[0][1]
+
+
+def test_dicom_series_folder_in_a_training_datalist(tmp_path: Path) -> None:
+    """A CSV datalist may name a DICOM series folder as the image: it loads on the label's grid."""
+    from tests.conftest import TINY_RECIPE
+    from volseg.data import transforms as T
+    from volseg.data.datalist import load_datalist
+    from volseg.recipe import recipe_from_dict
+
+    ph = liver_ct_phantom(13, shape=(40, 36, 20), axcodes="LPS")
+    F.write_series(tmp_path / "case1", ph.image.astype(np.float32), ph.affine)
+    save_nifti(tmp_path / "case1_label.nii.gz", ph.label, ph.affine)
+    (tmp_path / "list.csv").write_text("image,label\ncase1,case1_label.nii.gz\n")
+    (case,) = load_datalist(tmp_path / "list.csv")
+    chain = T.instantiate(T.preprocessing(recipe_from_dict(TINY_RECIPE), with_label=True))
+    d = chain(case)
+    assert d["image"].shape == d["label"].shape
+    np.testing.assert_allclose(d["image"].affine.numpy(), d["label"].affine.numpy(), atol=1e-3)
+    # The label still marks the liver where the image shows it (HU of liver, not air or bone).
+    img, lab = d["image"][0].numpy(), d["label"][0].numpy()
+    assert 0.5 < float(np.median(img[lab == 1])) < 0.8
