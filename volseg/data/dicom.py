@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import (
     UID,
@@ -104,8 +104,33 @@ _DECODER_HINTS = {
     "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE lossless (pydicom also decodes it itself)
 }
 
+# What reading a malformed element value may raise (pydicom converts values when they are first accessed).
+_VALUE_ERRORS = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    OSError,
+    EOFError,
+    struct.error,
+    BytesLengthException,
+)
 # What a forced read of a file that only looks like DICOM (no preamble) may raise when it is something else.
-_PARSE_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, struct.error)
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    struct.error,
+    NotImplementedError,
+    OverflowError,
+    BytesLengthException,
+)
 
 
 @dataclass
@@ -237,7 +262,10 @@ def _scan(folder: str | Path) -> dict[str, list[_Header]]:
         ds = _read_dataset(path, pixels=False)
         if ds is None:
             continue
-        header = _header(ds, path)
+        try:
+            header = _header(ds, path)
+        except _VALUE_ERRORS as exc:
+            raise UserError(f"malformed DICOM element ({_first_line(exc)})", path) from None
         if header is not None:
             groups.setdefault(header.series_uid, []).append(header)
     return groups
@@ -261,7 +289,7 @@ def _read_dataset(path: Path, *, pixels: bool) -> Dataset | None:
     except _PARSE_ERRORS as exc:
         if force:
             return None
-        raise UserError(f"damaged DICOM file, cannot be parsed ({exc})", path) from None
+        raise UserError(f"damaged DICOM file, cannot be parsed ({_first_line(exc)})", path) from None
     if force and "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
         return None
     return ds
@@ -423,7 +451,10 @@ def read_series(folder: str | Path, series_uid: str | None = None, *, on_irregul
         )
     frames: list[_Frame] = []
     for header in sorted(unique, key=lambda h: h.path):
-        frames.extend(_read_frames(header.path))
+        try:
+            frames.extend(_read_frames(header.path))
+        except _VALUE_ERRORS as exc:
+            raise UserError(f"malformed DICOM element ({_first_line(exc)})", header.path) from None
     array, affine = _assemble(frames, chosen.uid, root, on_irregular, warnings)
     return DicomVolume(array=array, affine=affine, series=chosen, warnings=warnings)
 
@@ -437,7 +468,14 @@ def _read_frames(path: Path) -> list[_Frame]:
         raise UserError(f"colour image (SamplesPerPixel={samples}): only greyscale CT/MR is supported", path)
     stored = _decode(ds, path)
     n_frames = _int(ds.get("NumberOfFrames"), 1)
-    stored = stored.reshape(n_frames, int(ds.Rows), int(ds.Columns))
+    rows, columns = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
+    if min(n_frames, rows, columns) < 1 or stored.size != n_frames * rows * columns:
+        raise UserError(
+            f"pixel data holds {stored.size} values but NumberOfFrames x Rows x Columns is "
+            f"{n_frames} x {rows} x {columns}",
+            path,
+        )
+    stored = stored.reshape(n_frames, rows, columns)
     functional = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     if n_frames > 1 and not functional:
         raise UserError(
@@ -451,6 +489,7 @@ def _read_frames(path: Path) -> list[_Frame]:
         spacing = _vector(ds, "PixelSpacing", 2, path)
         slope = _float(ds.get("RescaleSlope"), 1.0)
         intercept = _float(ds.get("RescaleIntercept"), 0.0)
+        _check_rescale(slope, intercept, path)
         pixels = _modality_transform(ds, stored[0], slope, intercept)
         thickness = _float(ds.get("SpacingBetweenSlices"), _float(ds.get("SliceThickness"), math.nan))
         return [_Frame(path, 0, position, orientation, spacing, slope, intercept, _nan_none(thickness), pixels)]
@@ -472,6 +511,7 @@ def _read_frames(path: Path) -> list[_Frame]:
         source = transform if transform is not None else ds
         slope = _float(source.get("RescaleSlope"), 1.0)
         intercept = _float(source.get("RescaleIntercept"), 0.0)
+        _check_rescale(slope, intercept, path, where)
         pixels = (stored[f].astype(np.float64) * slope + intercept).astype(np.float32)
         thickness = math.nan
         if measures is not None:
@@ -506,7 +546,17 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         raise UserError(f"pixel data compressed as {label}; to decode it, pip install {hint}", path)
     try:
         return np.asarray(ds.pixel_array)
-    except (ValueError, RuntimeError, NotImplementedError, OSError, EOFError, KeyError, TypeError) as exc:
+    except (
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        OSError,
+        EOFError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot decode pixel data ({label}): {message}", path) from None
 
@@ -546,14 +596,14 @@ def _assemble(
                 f"but {frame.pixels.shape} in {_where(frame)}",
                 root,
             )
-        if np.max(np.abs(frame.spacing - first.spacing)) > ORIENTATION_TOLERANCE * max(first.spacing):
+        if np.max(np.abs(frame.spacing - first.spacing)) > ORIENTATION_TOLERANCE * float(np.max(np.abs(first.spacing))):
             raise UserError(
                 f"inconsistent PixelSpacing within series {uid}: {_fmt(first.spacing)} in {_where(first)} "
                 f"but {_fmt(frame.spacing)} in {_where(frame)}",
                 root,
             )
     row_cos, col_cos = first.orientation[:3], first.orientation[3:]
-    if min(np.linalg.norm(row_cos), np.linalg.norm(col_cos)) < 0.5:
+    if not all(0.5 <= float(np.linalg.norm(v)) <= 2.0 for v in (row_cos, col_cos)):
         raise UserError(f"invalid ImageOrientationPatient {_fmt(first.orientation)} in {_where(first)}", root)
     row_cos = row_cos / np.linalg.norm(row_cos)
     col_cos = col_cos / np.linalg.norm(col_cos)
@@ -696,9 +746,23 @@ def _vector(ds: Dataset | None, keyword: str, size: int, path: Path, where: str 
         problem = "missing" if not values else f"has {len(values)} values instead of {size}"
         raise UserError(f"{keyword} {problem}{context}: no patient geometry to build a volume from", path)
     try:
-        return np.array(values, dtype=np.float64)
+        array = np.array(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise UserError(f"{keyword} is not numeric{context}: {value}", path) from None
+    if not np.all(np.isfinite(array)):
+        raise UserError(f"{keyword} is not finite{context}: {value}", path)
+    return array
+
+
+def _check_rescale(slope: float, intercept: float, path: Path, where: str = "") -> None:
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        context = f" ({where})" if where else ""
+        raise UserError(f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} is not finite{context}", path)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _as_list(value: object) -> list[object]:
@@ -720,7 +784,7 @@ def _float(value: object, default: float) -> float:
 
 def _int(value: object, default: int) -> int:
     number = _float(value, math.nan)
-    return default if math.isnan(number) else int(number)
+    return int(number) if math.isfinite(number) else default
 
 
 def _snap(value: float) -> float:
@@ -730,7 +794,7 @@ def _snap(value: float) -> float:
 
 
 def _nan_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
+    return value if math.isfinite(value) else None
 
 
 def _fmt(values: np.ndarray) -> str:
