@@ -121,3 +121,37 @@ def test_evaluate_command(tmp_path: Path) -> None:
     dice_line = next(line for line in proc.stdout.splitlines() if line.startswith("liver") and " dice " in line)
     assert abs(float(dice_line.split()[2]) - 0.9) < 1e-3  # one-voxel shift of a 10-voxel-wide box
     _one_line_error(volseg("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")), "--labels")
+
+
+@pytest.mark.slow
+def test_infer_refuses_a_changed_bundle_unless_trusted(tmp_path: Path, trained_bundle: Path) -> None:
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_bundle, bundle)
+    cfg = bundle / "configs" / "inference.json"
+    cfg.write_text(cfg.read_text().replace('"overlap": 0.25', '"overlap": 0.5'))
+    scan = save_nifti(tmp_path / "scan.nii.gz", liver_ct_phantom(3, shape=(32, 32, 16)).image, np.diag([8, 8, 8, 1.0]))
+    _one_line_error(volseg("infer", str(scan), "--bundle", str(bundle), "-o", str(tmp_path / "o")), "--trust-bundle")
+    assert not (tmp_path / "o").exists()
+    proc = volseg("infer", str(scan), "--bundle", str(bundle), "-o", str(tmp_path / "o"), "--trust-bundle")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "o" / "scan_seg.nii.gz").is_file()
+
+
+def test_check_data_and_training_refuses_bad_data(tmp_path: Path, tiny_recipe_path: Path) -> None:
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    for i in range(3):
+        img = np.full((16, 16, 8), -100 + i, np.int16)  # distinct files (identical bytes are duplicates)
+        lab = np.zeros((16, 16, 8), np.uint8)
+        lab[4:10, 4:10, 2:6] = 255 if i == 1 else 1  # case 1: a 0/255 mask
+        save_nifti(tmp_path / "d" / "images" / f"c{i}.nii.gz", img, aff)
+        save_nifti(tmp_path / "d" / "labels" / f"c{i}.nii.gz", lab, aff)
+    proc = volseg("check-data", "--config", str(tiny_recipe_path), "--data", str(tmp_path / "d"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "c1.nii.gz" in proc.stdout and "0/255" in proc.stdout and "3 cases checked: 1 error" in proc.stdout
+    proc = volseg(
+        "train", "--config", str(tiny_recipe_path), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r")
+    )
+    _one_line_error(proc, "data check found 1 error", "c1.nii.gz")
+    assert not (tmp_path / "r").exists()

@@ -56,6 +56,7 @@ def train(
     data: Annotated[Path | None, typer.Option(help="data folder or CSV (default: the recipe's data.root)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
+    skip_check: Annotated[bool, typer.Option("--skip-data-check", help="do not check the data set first")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.max_epochs=3")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     nproc_per_node: Annotated[
@@ -74,6 +75,8 @@ def train(
     from volseg.train import train as run_train
 
     run_dir = out or Path("runs") / recipe.name
+    if not skip_check and int(os.environ.get("RANK", "0")) == 0:
+        _check_before_training(recipe, root)
     try:
         result = run_train(
             recipe, root, run_dir, resume=resume, device=device, echo=_echo, overrides=set_ or [],
@@ -92,6 +95,23 @@ def train(
         f"(epoch {result.best_epoch}); last validation Dice {dice}"
     )
     _echo(f"bundle: {result.run_dir}")
+
+
+def _check_before_training(recipe: object, root: Path) -> None:
+    """The data check before training: errors stop it, warnings are shown and training goes on."""
+    from volseg.data.checks import check_data as run_check
+
+    report = run_check(recipe, root)  # type: ignore[arg-type]
+    if report.warnings or report.errors:
+        _echo(report.table())
+    if not report.ok:
+        first = report.errors[0]
+        raise UserError(
+            f"the data check found {len(report.errors)} error(s), first: {first.path}: {first.problem} "
+            "(see the table above; --skip-data-check to train anyway)",
+            root,
+        )
+    _echo(f"data check: {report.n_cases} cases, {len(report.warnings)} warning(s)")
 
 
 @app.command()
@@ -117,6 +137,9 @@ def infer(
     engine: Annotated[
         str, typer.Option(help="fast (volseg's engine, default) or monai (the bundle's MONAI transform chain)")
     ] = "fast",
+    trust_bundle: Annotated[
+        bool, typer.Option("--trust-bundle", help="run a bundle volseg did not write, or whose code it cannot vet")
+    ] = False,
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
@@ -124,7 +147,7 @@ def infer(
 
     written, failures = run_inference(
         inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series,
-        probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine,
+        probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle,
     )  # fmt: skip
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")
@@ -186,6 +209,20 @@ def evaluate(
             f"{r['label']:<16}{r['metric']:<8}{r['mean']:>10.4f}{r['median']:>10.4f}{r['std']:>10.4f}"
             f"{r['n']:>5}{r['n_undefined']:>7}"
         )
+
+
+@app.command("check-data")
+def check_data(
+    config: Annotated[Path, typer.Option("--config", "-c", help="recipe YAML")],
+    data: Annotated[Path | None, typer.Option(help="data folder or CSV (default: the recipe's data.root)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="recipe override")] = None,
+) -> None:
+    """Check a data set against a recipe: pairs, geometry, label values, NaNs, dimensions, duplicates."""
+    from volseg.data.checks import run_check_data
+
+    rc = run_check_data(config, data, set_ or [], _echo)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command("export-bundles")

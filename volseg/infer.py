@@ -97,9 +97,13 @@ class Predictor:
         bundle_dir: a bundle with configs/inference.json and models/model.pt.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         engine: ``fast`` or ``monai``.
+        trust: run a bundle that volseg did not write (or that names code volseg cannot vet); see
+            :func:`volseg.trust.check_bundle`.
     """
 
-    def __init__(self, bundle_dir: str | Path, device: str | None = None, engine: str = "fast") -> None:
+    def __init__(
+        self, bundle_dir: str | Path, device: str | None = None, engine: str = "fast", trust: bool = False
+    ) -> None:
         import sys
 
         from monai.bundle import ConfigParser
@@ -113,6 +117,9 @@ class Predictor:
             raise UserError("not a bundle: configs/inference.json is missing", self.bundle_dir)
         if not weights.is_file():
             raise UserError("bundle has no weights: models/model.pt is missing (train it first)", self.bundle_dir)
+        from volseg.trust import check_bundle, safe_torch_load
+
+        check_bundle(self.bundle_dir, trust=trust)
         self.device = resolve_device(device)
         parser = ConfigParser()
         parser.read_config(str(cfg_file))
@@ -129,10 +136,7 @@ class Predictor:
         self.algorithm = _algorithm(self.bundle_dir)
         self.inferer = parser.get_parsed_content("inferer")
         net = parser.get_parsed_content("network_def")
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's file problem
-            raise UserError(f"cannot load weights ({exc.__class__.__name__})", weights) from None
+        state = safe_torch_load(weights)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         net.load_state_dict(state)
@@ -189,6 +193,10 @@ class Predictor:
         t0 = time.perf_counter()
         src = Path(source)
         name = src.name.lower()
+        if src.is_file() and name.endswith((".nii", ".nii.gz")):
+            from volseg.data.validate import check_image_file
+
+            check_image_file(src, verify_data=False)
         if self.fast is not None and (src.is_dir() or name.endswith((".nii", ".nii.gz"))):
             return self._predict_fast(src, series_uid, probabilities, t0)
         data, vol = self._load(src, series_uid)
@@ -345,6 +353,7 @@ def run_inference(
     probabilities: bool = False,
     nproc_per_node: int = 1,
     engine: str = "fast",
+    trust: bool = False,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment every input; a bad input is reported and skipped.
 
@@ -362,7 +371,7 @@ def run_inference(
     sources = expand_inputs(inputs)
     if nproc_per_node > 1:
         return _spawn_inference(
-            sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities, engine
+            sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities, engine, trust
         )
     # Under torchrun (or a spawned worker), each rank segments its own share of the cases.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -371,7 +380,7 @@ def run_inference(
         if torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         echo(f"rank {rank}/{world}: {len(sources)} case(s)")
-    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine)
+    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust)
 
 
 def _segment(
@@ -384,9 +393,10 @@ def _segment(
     series_uid: str | None,
     probabilities: bool,
     engine: str = "fast",
+    trust: bool = False,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment the given cases one after the other with one predictor."""
-    predictor = Predictor(bundle, device, engine)
+    predictor = Predictor(bundle, device, engine, trust)
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
@@ -417,6 +427,7 @@ def _spawn_inference(
     series_uid: str | None,
     probabilities: bool,
     engine: str,
+    trust: bool,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Shard the cases over ``nproc`` processes started by ignite.distributed; gather what each wrote."""
     import json
@@ -429,7 +440,7 @@ def _spawn_inference(
         with idist.Parallel(backend=backend, nproc_per_node=nproc) as parallel:
             parallel.run(
                 _infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, formats, series_uid,
-                probabilities, reports, engine,
+                probabilities, reports, engine, trust,
             )  # fmt: skip
         written: list[Path] = []
         failures: list[tuple[Path, str]] = []
@@ -451,6 +462,7 @@ def _infer_worker(
     probabilities: bool,
     reports: str,
     engine: str = "fast",
+    trust: bool = False,
 ) -> None:
     import json
 
