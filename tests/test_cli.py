@@ -155,3 +155,17 @@ def test_check_data_and_training_refuses_bad_data(tmp_path: Path, tiny_recipe_pa
     )
     _one_line_error(proc, "data check found 1 error", "c1.nii.gz")
     assert not (tmp_path / "r").exists()
+
+
+def test_full_disk_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    import volseg.cli as cli
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/case_seg.nii.gz")
+
+    monkeypatch.setattr("volseg.data.synth.write_dataset", full)
+    assert cli.main(["synth", "-n", "1", "-o", "/data/out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["volseg: error: /data/out/case_seg.nii.gz: No space left on device (nothing half-written was left)"]

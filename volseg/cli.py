@@ -278,6 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("volseg: interrupted", err=True)
         return 130
+    except OSError as exc:
+        import errno
+
+        # The machine's problems that the user can fix: a full disk, a quota, a read-only or forbidden place.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) and not _DEBUG["on"]:
+            where = exc.filename or "output"
+            typer.echo(f"volseg: error: {where}: {exc.strerror or exc} (nothing half-written was left)", err=True)
+            return 2
+        if _DEBUG["on"]:
+            raise
+        typer.echo(f"volseg: internal error: {exc.__class__.__name__}: {exc} (run with --debug for details)", err=True)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the one place where internal errors become exit 1
         import click
 
