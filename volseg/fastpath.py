@@ -77,19 +77,6 @@ def model_grid(
     return tuple(int(n) for n in out_shape), scale, shift
 
 
-def _interp_matrix(pos: torch.Tensor, n_in: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense (len(pos), n_in) linear-interpolation weights at fractional indices ``pos`` (border beyond the ends)."""
-    pos = pos.clamp(0, n_in - 1)
-    lo = pos.floor().long().clamp(max=n_in - 1)
-    hi = (lo + 1).clamp(max=n_in - 1)
-    w = (pos - lo.to(pos.dtype)).to(dtype)
-    m = torch.zeros((pos.numel(), n_in), dtype=dtype, device=pos.device)
-    rows = torch.arange(pos.numel(), device=pos.device)
-    m.index_put_((rows, lo), 1 - w, accumulate=True)
-    m.index_put_((rows, hi), w, accumulate=True)
-    return m
-
-
 def downsample(x: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
     """Trilinear samples of (C, X, Y, Z) at the grid of per-axis positions (input voxel units, border padding).
 
@@ -126,51 +113,65 @@ def back_to_input(
     """The model-grid probabilities (C, X', Y', Z') on every input voxel (input voxel v sits at model coordinate
     (v - shift) / scale), slab by slab along Z: labels (X, Y, Z) uint8, or the probabilities (C, X, Y, Z).
 
-    In-plane interpolation is two small matrix products per slice; along Z it is a blend of two slices.
+    Each slab is blended along Z at the model's in-plane size, then upsampled in-plane by ``grid_sample`` (four
+    reads per output pixel); labels come out without a full-resolution probability volume.
     """
+    import torch.nn.functional as F
+
     dev, dt = probs.device, probs.dtype
     c, xs, ys, zs = probs.shape
     px, py, pz = (
         (torch.arange(m, device=dev, dtype=torch.float64) - float(b)) / float(a)
         for m, a, b in zip(out_shape, scale, shift, strict=True)
     )
-    wx = _interp_matrix(px, xs, dt)  # (X, X')
-    wy = _interp_matrix(py, ys, dt)  # (Y, Y')
+    # grid_sample's normalised coordinates (align_corners=True): -1 is index 0, +1 the last index; beyond: border.
+    gx = (2.0 * px / max(1, xs - 1) - 1.0).to(dt)
+    gy = (2.0 * py / max(1, ys - 1) - 1.0).to(dt)
+    # (1, X, Y, 2) with [..., 0] indexing Y' (grid_sample's width) and [..., 1] indexing X' (its height).
+    plane_grid = torch.stack(torch.meshgrid(gy, gx, indexing="xy"), dim=-1)[None]
     pz = pz.clamp(0, zs - 1)
     lo = pz.floor().long().clamp(max=zs - 1)
     hi = (lo + 1).clamp(max=zs - 1)
     w = (pz - lo.to(pz.dtype)).to(dt)
-    planes = probs.permute(0, 3, 1, 2)  # (C, Z', X', Y')
+    planes = probs.permute(3, 0, 1, 2)  # (Z', C, X', Y')
     if want_probs:
         out = torch.empty((c, *out_shape), dtype=dt, device=dev)
     else:
         out = torch.empty((out_shape[2], out_shape[0], out_shape[1]), dtype=torch.uint8, device=dev)
     for k0 in range(0, out_shape[2], chunk):
         k1 = min(out_shape[2], k0 + chunk)
-        s0, s1 = int(lo[k0:k1].min()), int(hi[k0:k1].max()) + 1
-        up = wx @ planes[:, s0:s1] @ wy.T  # (C, Zs, X, Y)
-        a = up.index_select(1, lo[k0:k1] - s0)
-        b = up.index_select(1, hi[k0:k1] - s0)
-        slab = a + (b - a) * w[k0:k1].view(1, -1, 1, 1)  # (C, K, X, Y)
+        # Along Z first, at the model's in-plane size (cheap), then in-plane to every input pixel: the two linear
+        # steps commute, so this is trilinear interpolation.
+        a = planes.index_select(0, lo[k0:k1])
+        b = planes.index_select(0, hi[k0:k1])
+        zb = a + (b - a) * w[k0:k1].view(-1, 1, 1, 1)  # (K, C, X', Y')
+        slab = F.grid_sample(
+            zb, plane_grid.expand(zb.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
+        )  # (K, C, X, Y)
         if want_probs:
-            out[..., k0:k1] = slab.permute(0, 2, 3, 1)
+            out[..., k0:k1] = slab.permute(1, 2, 3, 0)
         else:
-            out[k0:k1] = _argmax0(slab)
+            out[k0:k1] = _argmax0(slab.transpose(0, 1))
     return out if want_probs else out.permute(1, 2, 0)
 
 
 def _largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """Keep only the largest face-connected component of each given label (in place; others become 0)."""
     from scipy import ndimage
 
     for v in values:
         mask = labels == v
-        if not mask.any():
+        boxes = ndimage.find_objects(mask.astype(np.uint8))
+        if not boxes or boxes[0] is None:
             continue
-        comp, n = ndimage.label(mask)
+        box = boxes[0]
+        sub = mask[box]
+        comp, n = ndimage.label(sub)
         if n > 1:
             sizes = np.bincount(comp.ravel())
             sizes[0] = 0
-            labels[mask & (comp != sizes.argmax())] = 0
+            region = labels[box]
+            region[sub & (comp != sizes.argmax())] = 0
     return labels
 
 
@@ -245,13 +246,16 @@ class FastEngine:
         spatial = view.shape[:3]
         model_shape, scale, shift = model_grid(spatial, view_affine, tuple(r.data.spacing))
         dev = self.device
-        x = torch.from_numpy(np.ascontiguousarray(view, dtype=np.float32))
+        # Sample the model grid straight from the stored array: model voxel j of view axis p sits at view index
+        # scale * j + shift, i.e. on stored axis perm[p], counted from the far end when that axis is flipped.
+        perm = [int(i) for i in np.argsort(ornt[:, 0])]
+        pos: list[torch.Tensor] = [torch.empty(0)] * 3
+        for p_axis, q_axis in enumerate(perm):
+            u = torch.arange(model_shape[p_axis], dtype=torch.float64) * float(scale[p_axis]) + float(shift[p_axis])
+            pos[q_axis] = (arr.shape[q_axis] - 1 - u) if ornt[q_axis, 1] == -1 else u
+        x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         x = x[None] if x.ndim == 3 else x.permute(3, 0, 1, 2)
-        pos = [
-            torch.arange(m, dtype=torch.float64) * float(a) + float(b)
-            for m, a, b in zip(model_shape, scale, shift, strict=True)
-        ]
-        raw_small = downsample(x.to(dev), pos)
+        raw_small = downsample(x.to(dev), pos).permute(0, *[1 + q for q in perm]).contiguous()
         del x
         if self.ct:
             img = self._intensity(raw_small)
