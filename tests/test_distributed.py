@@ -89,3 +89,16 @@ def test_batch_inference_shards_cases_over_processes(trained_bundle: Path, tmp_p
     assert not failures
     assert sorted(p.name for p in written) == ["s31_seg.nii.gz", "s32_seg.nii.gz", "s33_seg.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
+
+
+def test_bundle_has_multi_gpu_train_config(trained_bundle: Path) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(trained_bundle / "configs" / n) for n in ("train.json", "multi_gpu_train.json")])
+    assert parser["network#_target_"] == "torch.nn.parallel.DistributedDataParallel"
+    assert parser["train#dataloader#sampler"] == "@train#sampler"
+    assert parser["train#sampler#_target_"] == "DistributedSampler" and parser["train#dataloader#shuffle"] is False
+    assert parser["validate#sampler#even_divisible"] is False
+    assert any("init_process_group" in e for e in parser["initialize"])
+    assert "$import torch.distributed as dist" in parser["imports"]

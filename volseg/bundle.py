@@ -399,6 +399,52 @@ def train_config(
     return cfg
 
 
+def multi_gpu_train_config(recipe: Recipe) -> dict[str, Any]:
+    """configs/multi_gpu_train.json: overrides of train.json for ``torchrun`` (one process per GPU), as MONAI
+    Label and the MONAI model zoo use it::
+
+        torchrun --nproc_per_node=N -m monai.bundle run \\
+            --config_file "['configs/train.json','configs/multi_gpu_train.json']"
+
+    Every rank reads the whole training list through a DistributedSampler (reshuffled each epoch by MONAI's
+    workflow); validation is split without padding; only rank 0 logs and saves.
+    """
+    imports = train_config(recipe)["imports"] + ["$import torch.distributed as dist"]
+    return {
+        "imports": imports,
+        "device": "$torch.device(f'cuda:{dist.get_rank()}')",
+        "network": {
+            "_target_": "torch.nn.parallel.DistributedDataParallel",
+            "module": "$@network_def.to(@device)",
+            "device_ids": ["@device"],
+        },
+        "train#sampler": {
+            "_target_": "DistributedSampler",
+            "dataset": "@train#dataset",
+            "even_divisible": True,
+            "shuffle": True,
+        },
+        "train#dataloader#sampler": "@train#sampler",
+        "train#dataloader#shuffle": False,
+        "train#trainer#train_handlers": "$@train#handlers[: -2 if dist.get_rank() > 0 else None]",
+        "validate#sampler": {
+            "_target_": "DistributedSampler",
+            "dataset": "@validate#dataset",
+            "even_divisible": False,
+            "shuffle": False,
+        },
+        "validate#dataloader#sampler": "@validate#sampler",
+        "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
+        "initialize": [
+            "$dist.is_initialized() or dist.init_process_group(backend='nccl')",
+            "$torch.cuda.set_device(@device)",
+            f"$monai.utils.set_determinism(seed={recipe.train.seed})",
+        ],
+        "run": ["$@train#trainer.run()"],
+        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+    }
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -574,6 +620,7 @@ def write_bundle_configs(
     _write_json(root / "configs" / "metadata.json", metadata(recipe, metrics, data_note))
     _write_json(root / "configs" / "inference.json", inference_config(recipe))
     _write_json(root / "configs" / "train.json", train_config(recipe, ddir, train_cases, val_cases))
+    _write_json(root / "configs" / "multi_gpu_train.json", multi_gpu_train_config(recipe))
     _write_text(root / "configs" / "logging.conf", LOGGING_CONF)
     _write_text(root / RECIPE_FILE, dump_recipe(recipe))
     _write_text(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
