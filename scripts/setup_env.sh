@@ -14,6 +14,7 @@ torch_req=${VOLSEG_TORCH:-torch==2.13.0}
 
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade "setuptools>=77" >/dev/null 2>&1 || true  # torch's own requirement
 
 stamp="$venv/.volseg-installed"
 want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
