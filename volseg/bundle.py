@@ -28,7 +28,7 @@ from volseg import __version__
 from volseg.data import transforms as T
 from volseg.errors import UserError
 from volseg.nets import NETWORKS, network_config
-from volseg.recipe import CTIntensity, Recipe, dump_recipe
+from volseg.recipe import CTIntensity, PercentileIntensity, Recipe, dump_recipe
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 RECIPE_FILE = "configs/volseg_recipe.yaml"
@@ -91,36 +91,50 @@ RESTORE_IMAGE_PATH: list[dict[str, Any]] = [
 ]
 
 
+def needs_scripts(recipe: Recipe) -> bool:
+    """Whether the bundle's configs name targets in its own scripts/ (a network wrapper, the weight map)."""
+    return NETWORKS[recipe.model.name].needs_scripts or recipe.train.loss.weight_map is not None
+
+
+# 2D bundles read PNG, TIFF and NIfTI files and write PNG label maps (values 0..K-1, the input's pixel grid).
+DATALIST_3D = "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))"
+DATALIST_2D = (
+    "$list(sorted(f for e in ('*.png', '*.tif', '*.tiff', '*.nii', '*.nii.gz') "
+    "for f in glob.glob(os.path.join(@dataset_dir, e))))"
+)
+
+
 def inference_preprocessing(recipe: Recipe) -> list[dict[str, Any]]:
     """The inference preprocessing as written into a bundle (with the MONAI Label ``image_path`` workaround)."""
     return STASH_IMAGE_PATH + T.infer_preprocessing(recipe)
 
 
 def inference_config(recipe: Recipe, dataset_dir: str = "/workspace/data") -> dict[str, Any]:
-    """configs/inference.json: segments every NIfTI in ``dataset_dir`` into ``output_dir``."""
+    """configs/inference.json: segments every NIfTI (2D: also PNG and TIFF) in ``dataset_dir`` into ``output_dir``.
+
+    3D predictions are written as NIfTI; 2D ones as 8-bit PNG label maps on the input's pixel grid.
+    """
     spec = NETWORKS[recipe.model.name]
-    post = (
-        T.infer_postprocessing(recipe)
-        + RESTORE_IMAGE_PATH
-        + [
-            {
-                "_target_": "SaveImaged",
-                "keys": "pred",
-                "output_dir": "@output_dir",
-                "output_postfix": "seg",
-                "output_dtype": "$numpy.uint8",
-                "resample": False,
-                "separate_folder": False,
-                "squeeze_end_dims": True,
-            }
-        ]
-    )
+    two_d = recipe.model.spatial_dims == 2
+    writer: dict[str, Any] = {
+        "_target_": "SaveImaged",
+        "keys": "pred",
+        "output_dir": "@output_dir",
+        "output_postfix": "seg",
+        "output_dtype": "$numpy.uint8",
+        "resample": False,
+        "separate_folder": False,
+        "squeeze_end_dims": True,
+    }
+    if two_d:
+        writer.update({"output_ext": ".png", "writer": "PILWriter", "scale": None})
+    post = T.infer_postprocessing(recipe) + RESTORE_IMAGE_PATH + [writer]
     cfg: dict[str, Any] = {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": dataset_dir,
-        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))",
+        "datalist": DATALIST_2D if two_d else DATALIST_3D,
         "device": DEVICE_EXPR,
         "network_def": network_config(
             recipe.model.name,
@@ -184,6 +198,14 @@ def _loss(recipe: Recipe) -> dict[str, Any]:
         "lambda_dice": lam_dice,
         "lambda_ce": lam_ce,
     }
+    if loss.weight_map is not None:
+        # The target carries the weight map as its second channel (see volseg.data.transforms.train_sampling).
+        base = {
+            "_target_": "scripts.losses.WeightedDiceCELoss",
+            "squared_pred": False,
+            "lambda_dice": lam_dice,
+            "lambda_ce": lam_ce,
+        }
     if NETWORKS[recipe.model.name].deep_supervision:
         ds: dict[str, Any] = {"_target_": "DeepSupervisionLoss", "loss": base, "weight_mode": "exp"}
         if loss.deep_supervision_weights:
@@ -309,7 +331,7 @@ def train_config(
         "loss": _loss(recipe),
         "optimizer": _optimizer(recipe),
         "train": {
-            "deterministic_transforms": T.preprocessing(recipe, with_label=True),
+            "deterministic_transforms": T.preprocessing(recipe, with_label=True, training=True),
             "random_transforms": T.train_sampling(recipe),
             "preprocessing": _compose("$@train#deterministic_transforms + @train#random_transforms"),
             "dataset": dataset("train", "@train#preprocessing"),
@@ -476,12 +498,8 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
     shape = [f"{2**depth}*n"] * nd
     ct = isinstance(recipe.data.intensity, CTIntensity)
     fmt = "hounsfield" if ct else "magnitude"
-    window = (
-        f"CT window [{recipe.data.intensity.a_min:g}, {recipe.data.intensity.a_max:g}] HU scaled to [0, 1]"  # type: ignore[union-attr]
-        if ct
-        else "z-score normalised over the foreground"
-    )
-    spacing = " x ".join(f"{s:g}" for s in recipe.data.spacing)
+    window = _intensity_text(recipe)
+    grid = _grid_text(recipe)
     return {
         "schema": SCHEMA_URL,
         "version": recipe.version,
@@ -495,13 +513,12 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
         "task": recipe.description or f"{recipe.name} segmentation",
         "description": (
             f"{recipe.model.name} ({nd}D) segmenting {', '.join(names[1:])} on {recipe.data.modality}. "
-            f"Images are reoriented to {recipe.data.orientation}, resampled to {spacing} mm, {window}; "
-            "predictions are returned on the input grid."
+            f"Images are {grid}, {window}; predictions are returned on the input grid."
         ),
         "authors": recipe.authors,
         "copyright": f"Copyright (c) {recipe.authors}",
         "data_source": data_source or "see docs/README.md",
-        "data_type": "nibabel",
+        "data_type": "pil" if nd == 2 else "nibabel",
         "image_classes": f"single channel {recipe.data.modality} image, {window}",
         "label_classes": "; ".join(f"{i}: {n}" for i, n in enumerate(names)),
         "pred_classes": "; ".join(f"{i}: {n}" for i, n in enumerate(names)),
@@ -520,7 +537,7 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
                     "num_channels": recipe.model.in_channels,
                     "spatial_shape": shape,
                     "dtype": "float32",
-                    "value_range": [0, 1] if ct else [-5, 5],
+                    "value_range": [0, 1] if ct or isinstance(recipe.data.intensity, PercentileIntensity) else [-5, 5],
                     "is_patch_data": True,
                     "channel_def": {"0": "image"},
                 }
@@ -541,6 +558,26 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
     }
 
 
+def _intensity_text(recipe: Recipe) -> str:
+    inten = recipe.data.intensity
+    if isinstance(inten, CTIntensity):
+        return f"CT window [{inten.a_min:g}, {inten.a_max:g}] HU scaled to [0, 1]"
+    if isinstance(inten, PercentileIntensity):
+        lo, hi = inten.percentile
+        return f"percentiles {lo:g}-{hi:g} of each image scaled to [0, 1]"
+    if inten is not None and not inten.nonzero:
+        return "z-score normalised over the whole image"
+    return "z-score normalised over the foreground"
+
+
+def _grid_text(recipe: Recipe) -> str:
+    d = recipe.data
+    orient = f"reoriented to {d.orientation}" if d.orientation else "kept in their stored axis order"
+    if d.spacing:
+        return f"{orient}, resampled to " + " x ".join(f"{s:g}" for s in d.spacing) + " mm"
+    return f"{orient} on their own pixel grid"
+
+
 def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: str) -> str:
     names = recipe.data.label_names
     lines = [
@@ -558,7 +595,9 @@ def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: s
         "",
         f"- Network: `{recipe.model.name}` ({recipe.model.spatial_dims}D), "
         f"{recipe.model.in_channels} input channel(s), {recipe.num_classes} output channels.",
-        f"- Orientation {recipe.data.orientation}, spacing {list(recipe.data.spacing)} mm, "
+        f"- Orientation {recipe.data.orientation or 'as stored'}, "
+        f"spacing {list(recipe.data.spacing) if recipe.data.spacing else 'as stored (no resampling)'}"
+        f"{' mm' if recipe.data.spacing else ''}, "
         f"intensity: {recipe.data.intensity.model_dump() if recipe.data.intensity else 'none'}.",
         f"- Sliding window {list(recipe.roi_size)}, overlap {recipe.infer.overlap}, {recipe.infer.blend} blending; "
         "predictions are resampled back to the input grid.",
@@ -625,12 +664,12 @@ def write_bundle_configs(
     _write_text(root / RECIPE_FILE, dump_recipe(recipe))
     _write_text(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
     _write_text(root / "LICENSE", LICENSE_TEXT.format(authors=recipe.authors))
-    if NETWORKS[recipe.model.name].needs_scripts:
+    if needs_scripts(recipe):
+        # Every module, so that one `scripts` package imported in a process serves whichever bundle comes next.
         scripts = root / "scripts"
         scripts.mkdir(parents=True, exist_ok=True)
-        src = Path(__file__).parent / "bundle_scripts"
-        for name in ("__init__.py", "nets.py"):
-            shutil.copyfile(src / name, scripts / name)
+        for src in sorted((Path(__file__).parent / "bundle_scripts").glob("*.py")):
+            shutil.copyfile(src, scripts / src.name)
     return root
 
 

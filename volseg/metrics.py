@@ -340,3 +340,140 @@ def evaluate_case(
         result["ref_voxels"] = int(np.count_nonzero(r))
         out[name] = result
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Object-level metrics (cells and other countable objects)
+#
+# A prediction of touching objects can have an excellent Dice and still merge neighbours into one object; these
+# metrics count objects instead of pixels. Objects are given as instance maps (integer ids, 0 background); a semantic
+# prediction becomes one by its connected components (:func:`instances_from_semantic`).
+#
+# * Matching: a predicted and a reference object match when their IoU is at least ``iou_threshold``; each object
+#   matches at most one other (one-to-one, the assignment maximising the summed IoU of the matched pairs). With a
+#   threshold above 0.5 the matching is unique anyway: an object cannot overlap two others by more than half of their
+#   union each.
+# * ``object_f1``: tp = matched pairs, fp = unmatched predicted objects, fn = unmatched reference objects; precision
+#   tp / (tp + fp), recall tp / (tp + fn), F1 = 2 tp / (2 tp + fp + fn). With no object on either side all three are
+#   1.0; with objects on only one side the empty side's ratio is 1.0 when it has nothing to miss (precision without
+#   predictions, recall without references) and F1 is 0.0.
+# * ``merged_pairs``: a predicted object covers a reference object when at least ``min_cover`` (default half) of the
+#   reference object's pixels lie in it. A predicted object covering k >= 2 reference objects counts k - 1 merges (the
+#   number of separating borders it missed); the result is the sum over predicted objects.
+
+
+def instances_from_semantic(
+    mask: np.ndarray, *, labels: Sequence[int] | None = None, connectivity: int = 1, min_size: int = 0
+) -> np.ndarray:
+    """Instance ids from a semantic mask: the connected components of its foreground.
+
+    Args:
+        mask: label map or boolean mask (2D or 3D).
+        labels: label values that form objects (default: every non-zero value; components never join two values).
+        connectivity: 1 for face neighbours (4 in 2D, 6 in 3D; touching corners stay apart), up to ``mask.ndim`` for
+            every neighbour (8 in 2D, 26 in 3D).
+        min_size: components with fewer pixels are dropped (specks).
+
+    Returns:
+        int32 instance map, ids 1..n in scan order of the components, 0 background.
+    """
+    m = np.asarray(mask)
+    if not 1 <= connectivity <= m.ndim:
+        raise ValueError(f"connectivity must be 1..{m.ndim} for a {m.ndim}D mask, got {connectivity}")
+    structure = ndimage.generate_binary_structure(m.ndim, connectivity)
+    values = [v for v in np.unique(m) if v != 0] if labels is None else [v for v in labels if v != 0]
+    out = np.zeros(m.shape, dtype=np.int32)
+    n = 0
+    for value in values:
+        comp, count = ndimage.label(m == value, structure=structure)
+        if count == 0:
+            continue
+        if min_size > 0:
+            sizes = np.bincount(comp.ravel(), minlength=count + 1)
+            keep = sizes >= min_size
+            keep[0] = False
+            new_ids = np.zeros(count + 1, dtype=np.int32)
+            new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+            comp, count = new_ids[comp], int(keep.sum())
+        out[comp > 0] = comp[comp > 0] + n
+        n += count
+    return out
+
+
+def _overlap_table(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel counts of the predicted and of the reference objects, and their (pred x ref) intersection counts."""
+    p, r = np.asarray(pred), np.asarray(ref)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    if (p.size and p.min() < 0) or (r.size and r.min() < 0):
+        raise ValueError("instance ids must be >= 0")
+    p_ids, p_inv = np.unique(p.ravel(), return_inverse=True)
+    r_ids, r_inv = np.unique(r.ravel(), return_inverse=True)
+    table = np.zeros((p_ids.size, r_ids.size), dtype=np.int64)
+    np.add.at(table, (p_inv, r_inv), 1)
+    keep_p, keep_r = p_ids != 0, r_ids != 0
+    return table.sum(axis=1)[keep_p], table.sum(axis=0)[keep_r], table[np.ix_(keep_p, keep_r)]
+
+
+def object_f1(pred_instances: np.ndarray, gt_instances: np.ndarray, iou_threshold: float = 0.5) -> dict[str, float]:
+    """Object detection scores from one-to-one matching of instances at an IoU threshold.
+
+    Args:
+        pred_instances: predicted instance ids (0 background), 2D or 3D.
+        gt_instances: reference instance ids of the same shape.
+        iou_threshold: the least IoU of a matched pair, in (0, 1].
+
+    Returns:
+        ``{"precision", "recall", "f1", "tp", "fp", "fn", "mean_matched_iou"}`` (counts as ints); see the notes
+        above for the empty cases. ``mean_matched_iou`` is nan without matches.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+    p_area, r_area, inter = _overlap_table(pred_instances, gt_instances)
+    n_p, n_r = p_area.size, r_area.size
+    tp, matched_iou = 0, []
+    if n_p and n_r:
+        union = p_area[:, None] + r_area[None, :] - inter
+        ious = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        candidate = ious >= iou_threshold - 1e-12
+        if candidate.any():
+            rows, cols = linear_sum_assignment(np.where(candidate, ious, 0.0), maximize=True)
+            good = candidate[rows, cols]
+            tp = int(good.sum())
+            matched_iou = ious[rows[good], cols[good]].tolist()
+    fp, fn = n_p - tp, n_r - tp
+    precision = tp / n_p if n_p else 1.0
+    recall = tp / n_r if n_r else 1.0
+    f1 = 1.0 if n_p == 0 and n_r == 0 else 2.0 * tp / (2 * tp + fp + fn)
+    return {
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "mean_matched_iou": float(np.mean(matched_iou)) if matched_iou else math.nan,
+    }
+
+
+def merged_pairs(pred_instances: np.ndarray, gt_instances: np.ndarray, min_cover: float = 0.5) -> int:
+    """How many separations between reference objects the prediction missed.
+
+    A predicted object that covers k >= 2 reference objects (each with at least ``min_cover`` of its pixels inside
+    the predicted object) counts k - 1; the sum over predicted objects is returned.
+
+    Args:
+        pred_instances: predicted instance ids (0 background), 2D or 3D.
+        gt_instances: reference instance ids of the same shape.
+        min_cover: the fraction of a reference object that must lie in the predicted object, in (0, 1].
+    """
+    if not 0 < min_cover <= 1:
+        raise ValueError(f"min_cover must be in (0, 1], got {min_cover}")
+    _, r_area, inter = _overlap_table(pred_instances, gt_instances)
+    if inter.size == 0:
+        return 0
+    covered = inter >= min_cover * r_area[None, :]
+    per_pred = covered.sum(axis=1)
+    return int(np.clip(per_pred - 1, 0, None).sum())

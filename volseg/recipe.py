@@ -65,6 +65,22 @@ class MRIntensity(_Strict):
     nonzero: bool = True
 
 
+class PercentileIntensity(_Strict):
+    """Microscopy: the image's own ``percentile`` range (lower, upper) mapped linearly to [0, 1], per channel.
+
+    Robust to uneven exposure between images; ``clip`` clamps values outside the range.
+    """
+
+    percentile: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]] = (1.0, 99.0)
+    clip: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> PercentileIntensity:
+        if self.percentile[1] <= self.percentile[0]:
+            raise ValueError("the upper percentile must be greater than the lower one")
+        return self
+
+
 class Split(_Strict):
     """Train/validation split: a fraction held out, or fold ``fold`` of ``folds`` (k-fold), by seed."""
 
@@ -90,11 +106,20 @@ class Data(_Strict):
 
     source: Literal["auto", "msd", "folder", "csv"] = "auto"
     root: str | None = Field(default=None, description="data folder or CSV; --data overrides it")
-    modality: Literal["CT", "MR", "other"] = "CT"
+    modality: Literal["CT", "MR", "microscopy", "other"] = "CT"
     labels: dict[str, Label]
-    spacing: tuple[PositiveFloat, ...] = (1.5, 1.5, 2.0)
-    orientation: str = "RAS"
-    intensity: CTIntensity | MRIntensity | None = None
+    label_map: dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        description="values in the label files mapped to label values before anything else, e.g. {255: 1} for "
+        "0/255 masks; keys are file values, values are the recipe's label values",
+    )
+    spacing: tuple[PositiveFloat, ...] | None = Field(
+        default=(1.5, 1.5, 2.0), description="target spacing in mm; null keeps the images' own grid (2D pixel data)"
+    )
+    orientation: str | None = Field(
+        default="RAS", description="axis codes to reorient to; null or 'none' keeps the stored axes (2D pixel data)"
+    )
+    intensity: CTIntensity | MRIntensity | PercentileIntensity | None = None
     crop_foreground: bool = True
     split: Split = Split()
     cache: Cache = Cache()
@@ -107,9 +132,34 @@ class Data(_Strict):
             return {k: ({"value": x} if isinstance(x, int) and not isinstance(x, bool) else x) for k, x in v.items()}
         return v
 
+    @field_validator("intensity", mode="before")
+    @classmethod
+    def _intensity_kind(cls, v: Any) -> Any:
+        # Pick the intensity model by its keys, so that a mistake is reported by that model alone.
+        if not isinstance(v, dict):
+            return v
+        kinds: list[tuple[str, type[BaseModel]]] = [
+            ("percentile", PercentileIntensity),
+            ("a_min", CTIntensity),
+            ("a_max", CTIntensity),
+            ("nonzero", MRIntensity),
+        ]
+        model = next((m for key, m in kinds if key in v), None)
+        if model is None:
+            return v
+        try:
+            return model.model_validate(v)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{where}: {msg}" if where else msg) from None
+
     @field_validator("orientation")
     @classmethod
-    def _axcodes(cls, v: str) -> str:
+    def _axcodes(cls, v: str | None) -> str | None:
+        if v is None or v.strip().lower() in ("none", ""):
+            return None
         v = v.upper()
         axes = ["LR", "AP", "SI"]
         used = [next((i for i, pair in enumerate(axes) if c in pair), None) for c in v]
@@ -129,9 +179,14 @@ class Data(_Strict):
         if len(self.labels) < 2:
             raise ValueError("at least two labels are needed: background and one structure")
         if self.intensity is None:
-            self.intensity = CTIntensity() if self.modality == "CT" else MRIntensity()
+            defaults = {"CT": CTIntensity, "microscopy": PercentileIntensity}
+            self.intensity = defaults.get(self.modality, MRIntensity)()
         elif self.modality == "MR" and isinstance(self.intensity, CTIntensity):
             raise ValueError("an MR recipe takes intensity: {nonzero: ...} (z-score), not a CT window")
+        if self.label_map:
+            unknown = sorted(set(self.label_map.values()) - set(values))
+            if unknown:
+                raise ValueError(f"label_map maps to {unknown}, which is not a label value (labels: {sorted(values)})")
         return self
 
     @property
@@ -172,11 +227,27 @@ class Scheduler(_Strict):
     min_lr: Annotated[float, Field(ge=0)] = 0.0
 
 
+class WeightMap(_Strict):
+    """The U-Net paper's pixel weights: w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on the background.
+
+    d1 and d2 are the distances (in mm; pixels for PNG/TIFF) to the nearest and second-nearest object, w_c balances
+    the class frequencies (``balance``). The objects are the instances of the case's ``instance`` mask when the
+    datalist gives one, else the connected components of the label.
+    """
+
+    w0: Annotated[float, Field(ge=0)] = 10.0
+    sigma: PositiveFloat = 5.0
+    balance: bool = True
+
+
 class Loss(_Strict):
     name: Literal["dice_ce", "dice", "ce"] = "dice_ce"
     lambda_dice: Annotated[float, Field(ge=0)] = 1.0
     lambda_ce: Annotated[float, Field(ge=0)] = 1.0
     deep_supervision_weights: list[Annotated[float, Field(ge=0)]] | None = None
+    weight_map: WeightMap | None = Field(
+        default=None, description="the U-Net paper's weight map on the cross-entropy term (null: off)"
+    )
 
 
 class Augment(_Strict):
@@ -234,6 +305,11 @@ class Infer(_Strict):
     sw_batch_size: PositiveInt = 4
     blend: Literal["gaussian", "constant"] = "gaussian"
     padding_mode: Literal["constant", "reflect", "replicate"] = "constant"
+    mirror_border: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="pixels (voxels) of mirrored context added around the whole image before the sliding window and "
+        "removed from the prediction (the U-Net paper's overlap-tile strategy; inference only)",
+    )
     tta_flips: bool = False
     postprocess: Postprocess = Postprocess()
 
@@ -261,8 +337,10 @@ class Recipe(_Strict):
         ):
             if value is not None and len(value) != nd:
                 raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
-        if len(self.data.orientation) != nd:
+        if self.data.orientation is not None and len(self.data.orientation) != nd:
             raise ValueError(f"data.orientation '{self.data.orientation}' does not have {nd} letters")
+        if self.train.loss.weight_map is not None and self.train.loss.name == "dice":
+            raise ValueError("train.loss.weight_map weights the cross-entropy term; it needs loss name dice_ce or ce")
         for name in self.infer.postprocess.largest_component:
             if name not in self.data.labels:
                 raise ValueError(f"infer.postprocess.largest_component names unknown label '{name}'")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from volseg.recipe import CTIntensity, Recipe
+from volseg.recipe import CTIntensity, PercentileIntensity, Recipe
 
 Component = dict[str, Any]
+
+WEIGHT_MAP_TARGET = "scripts.weightmap.UNetWeightMapd"
+"""The weight-map transform, from the bundle's own scripts/ (volseg/bundle_scripts/weightmap.py)."""
 
 # Axis codes are read in the RAS+ convention (nibabel, NIfTI), whatever reader loaded the image.
 RAS_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
@@ -24,6 +27,19 @@ def _interp(nd: int) -> str:
 
 def _intensity(recipe: Recipe) -> list[Component]:
     inten = recipe.data.intensity
+    if isinstance(inten, PercentileIntensity):
+        return [
+            {
+                "_target_": "ScaleIntensityRangePercentilesd",
+                "keys": "image",
+                "lower": inten.percentile[0],
+                "upper": inten.percentile[1],
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": inten.clip,
+                "channel_wise": True,
+            }
+        ]
     if isinstance(inten, CTIntensity):
         return [
             {
@@ -46,21 +62,94 @@ def _crop(keys: list[str], recipe: Recipe) -> list[Component]:
     return [{"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "allow_smaller": True}]
 
 
-def preprocessing(recipe: Recipe, with_label: bool) -> list[Component]:
-    """Deterministic steps: load, channel first, orientation, spacing, intensity, foreground crop.
+def _pil_converter(in_channels: int) -> str | None:
+    """PIL conversion of 2D images to the recipe's channels: colour to grey for 1 channel, grey to RGB for 3."""
+    if in_channels == 1:
+        return "$lambda im: im.convert('L') if im.mode in ('RGB', 'RGBA', 'P', 'LA', 'CMYK', 'YCbCr') else im"
+    if in_channels == 3:
+        return "$lambda im: im if im.mode == 'RGB' else im.convert('RGB')"
+    return None
 
-    The output of these steps is what caching keeps.
+
+def _load(recipe: Recipe, keys: list[str]) -> list[Component]:
+    """Loading. 3D: MONAI picks the reader by file suffix. 2D: Pillow is tried first (PNG, TIFF, JPEG, BMP; arrays
+    come out as (x, y), i.e. transposed from Pillow's rows and columns, as MONAI's PILReader does), with NIfTI and
+    the rest still read by MONAI's other readers; images are converted to the recipe's ``in_channels``."""
+    if recipe.model.spatial_dims == 3:
+        return [{"_target_": "LoadImaged", "keys": keys, "image_only": True}]
+    image_reader: Component = {"_target_": "PILReader"}
+    converter = _pil_converter(recipe.model.in_channels)
+    if converter:
+        image_reader["converter"] = converter
+    chain = [{"_target_": "LoadImaged", "keys": "image", "image_only": True, "reader": image_reader}]
+    rest = [k for k in keys if k != "image"]
+    if rest:
+        chain.append({"_target_": "LoadImaged", "keys": rest, "image_only": True, "reader": "PILReader"})
+    return chain
+
+
+def _label_map(recipe: Recipe) -> list[Component]:
+    lm = recipe.data.label_map
+    if not lm:
+        return []
+    pairs = sorted(lm.items())
+    return [
+        {
+            "_target_": "MapLabelValued",
+            "keys": "label",
+            "orig_labels": [k for k, _ in pairs],
+            "target_labels": [v for _, v in pairs],
+        }
+    ]
+
+
+def _weight_map(recipe: Recipe) -> list[Component]:
+    """The U-Net paper's weight map of each training label, from the case's instance mask when it has one."""
+    wm = recipe.train.loss.weight_map
+    if wm is None:
+        return []
+    load = _load(recipe, ["instance"])[-1]
+    load["allow_missing_keys"] = True
+    return [
+        load,
+        {"_target_": "EnsureChannelFirstd", "keys": "instance", "allow_missing_keys": True},
+        {
+            "_target_": WEIGHT_MAP_TARGET,
+            "keys": "instance",
+            "label_key": "label",
+            "w0": wm.w0,
+            "sigma": wm.sigma,
+            "balance": wm.balance,
+            "output_key": "weight",
+        },
+        {"_target_": "DeleteItemsd", "keys": "instance"},
+    ]
+
+
+def preprocessing(recipe: Recipe, with_label: bool, training: bool = False) -> list[Component]:
+    """Deterministic steps: load, channel first, label mapping, orientation, spacing, intensity, foreground crop.
+
+    The output of these steps is what caching keeps. With ``training`` and a weight map in the recipe's loss, the
+    weight map is computed here too (right after loading, on the label's own grid) and carried as key ``weight``
+    through the spatial steps. Orientation is skipped when ``data.orientation`` is null and resampling when
+    ``data.spacing`` is null (2D pixel data, which has no physical grid).
     """
     keys = ["image", "label"] if with_label else ["image"]
-    modes: Any = ["bilinear", "nearest"] if with_label else "bilinear"
-    chain: list[Component] = [
-        {"_target_": "LoadImaged", "keys": keys, "image_only": True},
-        {"_target_": "EnsureChannelFirstd", "keys": keys},
-        {"_target_": "Orientationd", "keys": keys, "axcodes": recipe.data.orientation, "labels": RAS_LABELS},
-        {"_target_": "Spacingd", "keys": keys, "pixdim": list(recipe.data.spacing), "mode": modes},
-    ]
-    # CT: window first, then crop to the body (air is 0 after windowing). MR: crop on the raw image, where the
-    # background is 0, then normalise over the foreground.
+    chain: list[Component] = _load(recipe, keys) + [{"_target_": "EnsureChannelFirstd", "keys": keys}]
+    if with_label:
+        chain += _label_map(recipe)
+        if training and recipe.train.loss.weight_map is not None:
+            chain += _weight_map(recipe)
+            keys = keys + ["weight"]
+    modes: Any = ["bilinear"] + ["nearest"] * (len(keys) - 1) if with_label else "bilinear"
+    if recipe.data.orientation:
+        chain.append(
+            {"_target_": "Orientationd", "keys": keys, "axcodes": recipe.data.orientation, "labels": RAS_LABELS}
+        )
+    if recipe.data.spacing:
+        chain.append({"_target_": "Spacingd", "keys": keys, "pixdim": list(recipe.data.spacing), "mode": modes})
+    # CT: window first, then crop to the body (air is 0 after windowing). MR and microscopy: crop on the raw image,
+    # where the background is 0, then normalise.
     if isinstance(recipe.data.intensity, CTIntensity):
         chain += _intensity(recipe) + _crop(keys, recipe)
     else:
@@ -74,13 +163,17 @@ def train_sampling(recipe: Recipe) -> list[Component]:
     a = t.augment
     nd = recipe.model.spatial_dims
     keys = ["image", "label"]
+    weighted = t.loss.weight_map is not None
+    # The weight map (key "weight", from the preprocessing) is cropped with the label, then joined to it as its
+    # second channel, so that every spatial augmentation moves both alike (nearest interpolation for both).
+    crop_keys = keys + ["weight"] if weighted else keys
     patch = list(t.patch_size)
-    chain: list[Component] = [{"_target_": "SpatialPadd", "keys": keys, "spatial_size": patch}]
+    chain: list[Component] = [{"_target_": "SpatialPadd", "keys": crop_keys, "spatial_size": patch}]
     if t.sampler == "pos_neg":
         chain.append(
             {
                 "_target_": "RandCropByPosNegLabeld",
-                "keys": keys,
+                "keys": crop_keys,
                 "label_key": "label",
                 "spatial_size": patch,
                 "pos": t.pos_fraction,
@@ -94,13 +187,18 @@ def train_sampling(recipe: Recipe) -> list[Component]:
         chain.append(
             {
                 "_target_": "RandCropByLabelClassesd",
-                "keys": keys,
+                "keys": crop_keys,
                 "label_key": "label",
                 "spatial_size": patch,
                 "num_classes": recipe.num_classes,
                 "num_samples": t.samples_per_volume,
             }
         )
+    if weighted:
+        chain += [
+            {"_target_": "ConcatItemsd", "keys": ["label", "weight"], "name": "label", "dim": 0},
+            {"_target_": "DeleteItemsd", "keys": "weight"},
+        ]
     if a.elastic > 0:
         if nd == 3:
             chain.append(
@@ -162,8 +260,11 @@ def train_sampling(recipe: Recipe) -> list[Component]:
 
 
 def train_transforms(recipe: Recipe) -> list[Component]:
-    """The whole training chain: cached preprocessing then random sampling and augmentation."""
-    return preprocessing(recipe, with_label=True) + train_sampling(recipe)
+    """The whole training chain: cached preprocessing then random sampling and augmentation.
+
+    With a weight map, the training label has two channels: class values and the weight of each pixel.
+    """
+    return preprocessing(recipe, with_label=True, training=True) + train_sampling(recipe)
 
 
 def val_transforms(recipe: Recipe) -> list[Component]:
@@ -172,8 +273,15 @@ def val_transforms(recipe: Recipe) -> list[Component]:
 
 
 def infer_preprocessing(recipe: Recipe) -> list[Component]:
-    """Inference preprocessing: invertible, so that predictions go back to the input grid."""
-    return preprocessing(recipe, with_label=False) + [{"_target_": "EnsureTyped", "keys": "image"}]
+    """Inference preprocessing: invertible, so that predictions go back to the input grid.
+
+    ``infer.mirror_border`` pads the image by mirroring before the sliding window (the inverse removes it again).
+    """
+    chain = preprocessing(recipe, with_label=False)
+    border = recipe.infer.mirror_border
+    if border:
+        chain.append({"_target_": "BorderPadd", "keys": "image", "spatial_border": border, "mode": "reflect"})
+    return chain + [{"_target_": "EnsureTyped", "keys": "image"}]
 
 
 def infer_postprocessing(recipe: Recipe, invert_ref: str = "@preprocessing") -> list[Component]:
@@ -224,8 +332,23 @@ def instantiate(components: list[Component] | Component) -> Any:
     """Instantiate bundle components with MONAI's own config parser (the same code path as a bundle run)."""
     from monai.bundle import ConfigParser
 
+    # Targets in the bundle's own scripts/ are volseg's bundle_scripts package when volseg runs them itself.
+    components = _local_scripts(components)
     if isinstance(components, list):
         parser = ConfigParser({"chain": {"_target_": "Compose", "transforms": components}})
         return parser.get_parsed_content("chain")
     parser = ConfigParser({"c": components})
     return parser.get_parsed_content("c")
+
+
+def _local_scripts(node: Any) -> Any:
+    """A copy of ``node`` with ``scripts.X`` targets renamed ``volseg.bundle_scripts.X``."""
+    if isinstance(node, dict):
+        out = {k: _local_scripts(v) for k, v in node.items()}
+        target = out.get("_target_")
+        if isinstance(target, str) and target.startswith("scripts."):
+            out["_target_"] = "volseg.bundle_scripts." + target.removeprefix("scripts.")
+        return out
+    if isinstance(node, list):
+        return [_local_scripts(v) for v in node]
+    return node
