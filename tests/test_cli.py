@@ -169,3 +169,25 @@ def test_full_disk_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsy
     assert cli.main(["synth", "-n", "1", "-o", "/data/out"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["volseg: error: /data/out/case_seg.nii.gz: No space left on device (nothing half-written was left)"]
+
+
+@pytest.mark.slow
+def test_qc_pictures_from_infer_evaluate_and_training(tmp_path: Path, trained_run) -> None:
+    from PIL import Image
+
+    run_dir, _ = trained_run
+    curves = run_dir / "logs" / "training_curves.png"
+    assert curves.is_file() and Image.open(curves).size[0] > 200
+    ph = liver_ct_phantom(4, shape=(40, 36, 20), axcodes="LPS")
+    scan = save_nifti(tmp_path / "img" / "scan.nii.gz", ph.image, ph.affine)
+    save_nifti(tmp_path / "gt" / "scan.nii.gz", ph.label, ph.affine)
+    proc = volseg("infer", str(scan), "--bundle", str(run_dir), "-o", str(tmp_path / "pred"), "--qc")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    montage = Image.open(tmp_path / "pred" / "scan_seg_qc.png")
+    assert montage.size[0] > 300 and len(set(montage.convert("L").getdata())) > 20
+    proc = volseg(
+        "evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", "liver=1", "-o", str(tmp_path / "ev"),
+        "--qc", "--images", str(tmp_path / "img"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "ev" / "scan_qc.png").is_file()

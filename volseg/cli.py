@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -140,6 +140,7 @@ def infer(
     trust_bundle: Annotated[
         bool, typer.Option("--trust-bundle", help="run a bundle volseg did not write, or whose code it cannot vet")
     ] = False,
+    qc: Annotated[bool, typer.Option("--qc", help="also write a PNG montage per case (<case>_seg_qc.png)")] = False,
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
@@ -147,7 +148,7 @@ def infer(
 
     written, failures = run_inference(
         inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series,
-        probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle,
+        probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle, qc=qc,
     )  # fmt: skip
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")
@@ -158,11 +159,11 @@ def infer(
 
 @app.command()
 def synth(
-    task: Annotated[str, typer.Option(help="phantom task: liver_ct")] = "liver_ct",
+    task: Annotated[str, typer.Option(help="liver_ct (3D CT phantoms) or cells (2D fluorescence images)")] = "liver_ct",
     n: Annotated[int, typer.Option("-n", help="number of training cases")] = 10,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (MSD layout)")] = Path("data/synth"),
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    size: Annotated[str, typer.Option(help="demo (small, CPU) or full (512x512 slices)")] = "demo",
+    size: Annotated[str, typer.Option(help="liver_ct: demo (small, CPU) or full (512x512 slices)")] = "demo",
     n_test: Annotated[int, typer.Option("--n-test", help="held-out cases in imagesTs/labelsTs")] = 0,
 ) -> None:
     """Write a synthetic data set in the Medical Segmentation Decathlon layout."""
@@ -184,6 +185,10 @@ def evaluate(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="recipe whose labels to use")] = None,
     tolerance: Annotated[float, typer.Option(help="surface Dice tolerance in mm")] = 2.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the CSV files")] = Path("evaluation"),
+    qc: Annotated[bool, typer.Option("--qc", help="also write a PNG montage per case (prediction and truth)")] = False,
+    images: Annotated[
+        Path | None, typer.Option(help="folder of the images, for --qc backgrounds (default: the ground truth)")
+    ] = None,
 ) -> None:
     """Dice, IoU, HD95, average surface distance and surface Dice per case and label, with a summary."""
     from volseg.evaluate import evaluate_files, pair_files
@@ -201,7 +206,10 @@ def evaluate(
     if not names:
         raise UserError("say which labels to score: --labels liver=1 --labels tumour=2, or --config RECIPE", "--labels")
     names = {n: v for n, v in names.items() if v != 0}
-    rows, summary = evaluate_files(pair_files(pred, gt), names, tolerance, out)
+    pairs = pair_files(pred, gt)
+    rows, summary = evaluate_files(pairs, names, tolerance, out)
+    if qc:
+        _evaluate_qc(pairs, out, images)
     _echo(f"{len({r['case'] for r in rows})} case(s); per-case metrics and summary in {out}")
     _echo(f"{'label':<16}{'metric':<8}{'mean':>10}{'median':>10}{'std':>10}{'n':>5}{'undef':>7}")
     for r in summary:
@@ -209,6 +217,30 @@ def evaluate(
             f"{r['label']:<16}{r['metric']:<8}{r['mean']:>10.4f}{r['median']:>10.4f}{r['std']:>10.4f}"
             f"{r['n']:>5}{r['n_undefined']:>7}"
         )
+
+
+def _evaluate_qc(pairs: list[tuple[Path, Path]], out: Path, images: Path | None) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from volseg.evaluate import case_name
+    from volseg.qc import write_montage
+
+    for pred_path, gt_path in pairs:
+        case = case_name(gt_path)
+        p_img: Any = nib.load(str(pred_path))
+        g_img: Any = nib.load(str(gt_path))
+        pred_arr, gt_arr = np.asarray(p_img.dataobj), np.asarray(g_img.dataobj)
+        background = gt_arr.astype(np.float32)
+        if images is not None:
+            cand = [images / f"{case}.nii.gz", images / f"{case}.nii", images / f"{case}_0000.nii.gz"]
+            found = next((c for c in cand if c.is_file()), None)
+            if found is not None:
+                background = np.asarray(nib.load(str(found)).dataobj, dtype=np.float32)  # type: ignore[attr-defined]
+        path = write_montage(
+            background, g_img.affine, pred_arr, out / f"{case}_qc.png", ground_truth=gt_arr, title=case
+        )
+        _echo(f"qc: {path}")
 
 
 @app.command("check-data")
@@ -291,12 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"volseg: internal error: {exc.__class__.__name__}: {exc} (run with --debug for details)", err=True)
         return 1
     except Exception as exc:  # noqa: BLE001 - the one place where internal errors become exit 1
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        # Usage errors of the command-line parser (click's, vendored by typer): they print themselves.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            return code
+        if exc.__class__.__name__ == "Abort":
             return 1
         if _DEBUG["on"]:
             raise

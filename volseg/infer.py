@@ -319,6 +319,8 @@ def save_prediction(
         if not np.allclose(ref.affine, pred.affine, atol=1e-3):
             raise RuntimeError("prediction affine differs from the input's after inversion")
         reference = pred.source
+    if pred.labels.ndim == 2:
+        return [_write_png_labels(pred.labels, Path(f"{out_base}.png"))]
     if not formats:
         formats = ["nifti", "dicom-seg"] if pred.dicom_files else ["nifti"]
     paths = write_segmentation(
@@ -334,6 +336,23 @@ def save_prediction(
     if pred.probabilities is not None:
         paths.append(write_probabilities(pred.probabilities, pred.affine, Path(f"{out_base}_probabilities.nii.gz")))
     return paths
+
+
+def _write_png_labels(labels: np.ndarray, path: Path) -> Path:
+    """A 2D label map as an 8-bit PNG (MONAI's 2D arrays are (x, y): transposed to rows and columns)."""
+    import uuid
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    try:
+        Image.fromarray(np.ascontiguousarray(labels.T.astype(np.uint8))).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def output_base(source: Path, out_dir: Path) -> Path:
@@ -354,6 +373,7 @@ def run_inference(
     nproc_per_node: int = 1,
     engine: str = "fast",
     trust: bool = False,
+    qc: bool = False,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment every input; a bad input is reported and skipped.
 
@@ -380,7 +400,7 @@ def run_inference(
         if torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         echo(f"rank {rank}/{world}: {len(sources)} case(s)")
-    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust)
+    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust, qc)
 
 
 def _segment(
@@ -394,6 +414,7 @@ def _segment(
     probabilities: bool,
     engine: str = "fast",
     trust: bool = False,
+    qc: bool = False,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment the given cases one after the other with one predictor."""
     predictor = Predictor(bundle, device, engine, trust)
@@ -408,6 +429,8 @@ def _segment(
             failures.append((src, str(err)))
             echo(f"[{i}/{len(sources)}] {src}: FAILED: {err.message}")
             continue
+        if qc:
+            paths.append(_write_qc(pred, output_base(src, out), predictor.segments, series_uid))
         written.append(paths[0])
         counts = np.bincount(pred.labels.ravel(), minlength=2)
         for note in pred.notes:
@@ -415,6 +438,33 @@ def _segment(
         shown = ", ".join(str(p) for p in paths)
         echo(f"[{i}/{len(sources)}] {src.name} -> {shown}  {pred.seconds:.1f} s  voxels per label {counts.tolist()}")
     return written, failures
+
+
+def read_image_for_display(src: Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The input image (first channel) and its affine, for pictures."""
+    if src.is_dir():
+        from volseg.data.dicom import read_series
+
+        vol = read_series(src, series_uid)
+        return vol.array, vol.affine
+    if src.name.lower().endswith((".png", ".tif", ".tiff")):
+        from PIL import Image
+
+        return np.asarray(Image.open(src).convert("L"), dtype=np.float32).T, np.eye(4)
+    import nibabel as nib
+
+    img: Any = nib.load(str(src))
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    return (arr[..., 0] if arr.ndim == 4 else arr), np.asarray(img.affine, dtype=np.float64)
+
+
+def _write_qc(pred: Prediction, out_base: Path, segments: list[Any], series_uid: str | None) -> Path:
+    """Axial, coronal and sagittal slices through the segmentation, outlined in the label colours."""
+    from volseg.qc import write_montage
+
+    image, affine = read_image_for_display(pred.source, series_uid)
+    colors = {s.value: s.color for s in segments if s.color}
+    return write_montage(image, affine, pred.labels, Path(f"{out_base}_qc.png"), colors=colors, title=pred.source.name)
 
 
 def _spawn_inference(

@@ -262,6 +262,13 @@ def _read_result(run_dir: Path) -> TrainResult:
     return TrainResult(**data)
 
 
+def _plot_curves(history: dict[str, Any], path: Path, name: str) -> None:
+    """Training curves as PNG after each validation (loss, per-label Dice, learning rate)."""
+    from volseg.qc import plot_training_curves
+
+    plot_training_curves(history, path, title=name)
+
+
 def _average_buffers(net: torch.nn.Module, idist: Any) -> None:
     """Average floating-point buffers (batch-norm running statistics) over ranks, so every rank holds one state.
 
@@ -395,6 +402,7 @@ def _run(
     epoch_losses: list[float] = []
     state: dict[str, Any] = {"best": -1.0, "best_epoch": 0, "dice": {}, "iou": {}, "epoch_t": time.perf_counter()}
     signals: list[int] = []
+    history: dict[str, Any] = {"loss": [], "lr": [], "epoch": [], "val_epoch": [], "val_dice": {}}
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _collect(engine: Any) -> None:
@@ -446,6 +454,15 @@ def _run(
         state["epoch_t"] = time.perf_counter()
         echo(line)
         save_checkpoint()
+        if rank == 0:
+            history["loss"].append(loss)
+            history["lr"].append(lr)
+            history["epoch"].append(engine.state.epoch)
+            if state["dice"] and engine.state.epoch % recipe.train.val_interval == 0:
+                history["val_epoch"].append(engine.state.epoch)
+                for k, v in state["dice"].items():
+                    history["val_dice"].setdefault(k, []).append(v)
+                _plot_curves(history, run_dir / "logs" / "training_curves.png", recipe.name)
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _on_signal(engine: Any) -> None:

@@ -25,6 +25,9 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", "
 
 Case = dict[str, str]
 
+# Per-case files besides image and label that an MSD dataset.json may list (instance masks for the weight map).
+EXTRA_FILE_KEYS = ("instance",)
+
 
 def case_id(path: str | Path) -> str:
     """The case name of an image or label path: file name without its image suffix (and nnU-Net's _0000)."""
@@ -62,7 +65,12 @@ def _from_msd(root: Path) -> list[Case]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "image" not in item or "label" not in item:
             raise UserError(f"training[{i}] needs 'image' and 'label'", js)
-        cases.append({"image": _resolve(root, item["image"], js), "label": _resolve(root, item["label"], js)})
+        case = {"image": _resolve(root, item["image"], js), "label": _resolve(root, item["label"], js)}
+        # Other per-case files (e.g. "instance" masks for the U-Net weight map) come along, resolved alike.
+        for key in EXTRA_FILE_KEYS:
+            if isinstance(item.get(key), str):
+                case[key] = _resolve(root, item[key], js)
+        cases.append(case)
     return cases
 
 
