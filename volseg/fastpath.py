@@ -257,6 +257,7 @@ class FastEngine:
         x = x[None] if x.ndim == 3 else x.permute(3, 0, 1, 2)
         raw_small = downsample(x.to(dev), pos).permute(0, *[1 + q for q in perm]).contiguous()
         del x
+        fg: torch.Tensor | None
         if self.ct:
             img = self._intensity(raw_small)
             fg = img.amax(dim=0) > 0

@@ -439,7 +439,7 @@ def _run(
     def _epoch_end(engine: Any) -> None:
         if world > 1:
             _average_buffers(network, idist)
-        total = torch.tensor([float(np.sum(epoch_losses)), float(len(epoch_losses))], dtype=torch.float64)
+        total: Any = torch.tensor([float(np.sum(epoch_losses)), float(len(epoch_losses))], dtype=torch.float64)
         if world > 1:
             total = idist.all_reduce(total)
         loss = float(total[0] / total[1]) if total[1] else float("nan")
@@ -494,7 +494,7 @@ def _run(
         if trainer.state.epoch >= recipe.train.max_epochs:
             echo("the run had already reached train.max_epochs; raise it with --set train.max_epochs=N")
 
-    previous: dict[int, Any] = {}
+    previous: dict[Any, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, frame: signals.append(signum))
@@ -519,7 +519,7 @@ def _run(
         stopped_early=stopped,
     )
     if world > 1:
-        digests = idist.all_gather(_state_digest(network))
+        digests: Any = idist.all_gather(_state_digest(network))
         if rank == 0:
             (run_dir / "logs" / "distributed.json").write_text(
                 json.dumps({"world_size": world, "backend": idist.backend(), "state_digests": digests,
