@@ -293,3 +293,22 @@ def test_missing_data_root_is_a_user_error(tmp_path: Path) -> None:
         run_check_data(cfg, None, [], print)
     code = run_check_data(cfg, tmp_path / "nowhere", [], lambda s: None)
     assert code == 2
+
+
+def test_label_map_makes_a_0_255_mask_acceptable(tmp_path: Path) -> None:
+    from volseg.data.checks import check_data
+    from volseg.recipe import recipe_from_dict
+
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    for i in range(2):
+        img = np.full((8, 8, 4), 10 + i, np.int16)
+        lab = np.zeros((8, 8, 4), np.uint8)
+        lab[2:5, 2:5, 1:3] = 255
+        for kind, arr in (("images", img), ("labels", lab)):
+            (tmp_path / kind).mkdir(exist_ok=True)
+            save_nifti(tmp_path / kind / f"c{i}.nii.gz", arr, aff)
+    base = {"name": "t", "data": {"labels": {"background": 0, "cell": 1}}, "train": {"patch_size": [16, 16, 16]}}
+    report = check_data(recipe_from_dict(base), tmp_path)
+    assert not report.ok and "data.label_map: {255: 1}" in report.errors[0].problem
+    mapped = {**base, "data": {**base["data"], "label_map": {255: 1}}}
+    assert check_data(recipe_from_dict(mapped), tmp_path).ok

@@ -293,7 +293,9 @@ def check_data(recipe: Recipe, data_root: str | Path) -> CheckReport:
         if label is not None:
             stored = _read(report, label_path, label.voxels)
             if stored is not None:
-                seen_classes.update(_check_label_values(report, label, stored, n_classes, names))
+                seen_classes.update(
+                    _check_label_values(report, label, stored, n_classes, names, recipe.data.label_map or {})
+                )
                 labels_read += 1
             del stored
     _check_duplicates(report, by_size)
@@ -463,9 +465,15 @@ def _label_values(stored: np.ndarray, scaling: tuple[float, float] | None, n_cla
 
 
 def _check_label_values(
-    report: CheckReport, label: _Volume, stored: np.ndarray, n_classes: int, names: list[str]
+    report: CheckReport,
+    label: _Volume,
+    stored: np.ndarray,
+    n_classes: int,
+    names: list[str],
+    label_map: dict[int, int] | None = None,
 ) -> set[int]:
-    """Label values against the recipe's labels; returns the foreground classes present."""
+    """Label values (after the recipe's ``data.label_map``) against the recipe's labels; returns the foreground
+    classes present."""
     path = label.path
     if stored.size == 0:
         report.add("error", path, "label has no voxels")
@@ -490,6 +498,8 @@ def _check_label_values(
         )
         return set()
     present = {int(v) for v in values}
+    if label_map:
+        present = {label_map.get(v, v) for v in present}
     unknown = sorted(present - set(range(n_classes)))
     if unknown:
         listing = ", ".join(str(v) for v in unknown[:6]) + (", ..." if len(unknown) > 6 else "")
@@ -498,8 +508,8 @@ def _check_label_values(
             report.add(
                 "error",
                 path,
-                f"label values 0 and 255 look like a 0/255 mask; store the foreground as 1 "
-                f"(the recipe's labels are {allowed})",
+                f"label values 0 and 255 look like a 0/255 mask; store the foreground as 1 or set "
+                f"data.label_map: {{255: 1}} in the recipe (the recipe's labels are {allowed})",
             )
         else:
             report.add("error", path, f"label values {listing} are not among the recipe's labels {allowed}")
