@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from volseg.data.datalist import load_datalist
-from volseg.data.validate import check_image_file, one_line, sitk_reason
+from volseg.data.validate import check_image_file, one_line, sitk_header, sitk_reason
 from volseg.errors import UserError
 from volseg.recipe import Recipe, load_recipe
 
@@ -187,12 +187,7 @@ def _open_nifti(path: Path) -> _Volume:
 def _open_sitk(path: Path) -> _Volume:
     import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise UserError(f"cannot read the image header ({sitk_reason(exc)})", path) from None
+    reader = sitk_header(path)
     size = tuple(int(s) for s in reader.GetSize())
     ncomp = int(reader.GetNumberOfComponents())
     shape = size + ((ncomp,) if ncomp > 1 else ())

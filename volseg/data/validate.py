@@ -335,7 +335,8 @@ def _fmt(values: Any, sep: str = " ") -> str:
 # NRRD, MHA/MHD, PNG, TIFF
 
 
-def _check_sitk(path: Path) -> None:
+def sitk_header(path: Path) -> Any:
+    """A SimpleITK reader with the file's header read (no voxels); an unreadable header is a UserError."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -344,6 +345,11 @@ def _check_sitk(path: Path) -> None:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise UserError(f"cannot read the image header ({sitk_reason(exc)})", path) from None
+    return reader
+
+
+def _check_sitk(path: Path) -> None:
+    reader = sitk_header(path)
     size = reader.GetSize()
     if not size or min(size) < 1:
         raise UserError(f"image size {size} has an empty dimension", path)
