@@ -59,6 +59,11 @@ def test_run_layout_and_loss_decreases(trained_run) -> None:
         assert (run_dir / rel).is_file(), rel
     assert list((run_dir / "logs").glob("events.out.tfevents.*")), "no TensorBoard events"
     assert result.losses[-1] < result.losses[0], result.losses
+    # Validation also reports the surface metrics in mm (as volseg evaluate does).
+    assert set(result.surface) == {"liver", "tumour"}
+    assert set(result.surface["liver"]) == {"hd95", "assd", "nsd"}
+    hd95 = result.surface["liver"]["hd95"]
+    assert hd95 != hd95 or hd95 >= 0.0
     info = json.loads((run_dir / "logs" / "run_info.json").read_text())
     assert info["packages"]["monai"] and info["git_revision"]
     state = torch.load(run_dir / "models" / "model.pt", weights_only=True)

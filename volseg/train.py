@@ -46,6 +46,8 @@ class TrainResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    surface: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Last validation's HD95 and average surface distance (mm) and surface Dice (2 mm) per label."""
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -262,6 +264,12 @@ def _read_result(run_dir: Path) -> TrainResult:
     return TrainResult(**data)
 
 
+def _defined_mean(values: list[float]) -> float:
+    """Mean over the defined (finite) values; NaN when there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def _plot_curves(history: dict[str, Any], path: Path, name: str) -> None:
     """Training curves as PNG after each validation (loss, per-label Dice, learning rate)."""
     from volseg.qc import plot_training_curves
@@ -408,11 +416,38 @@ def _run(
     def _collect(engine: Any) -> None:
         epoch_losses.append(float(from_engine(["loss"], first=True)(engine.state.output)))
 
+    # Surface metrics in mm on the validation cases (model grid), as `volseg evaluate` computes them.
+    surface: list[dict[str, dict[str, float]]] = []
+    label_values = {n: lab.value for n, lab in recipe.data.labels.items() if lab.value}
+
+    @evaluator.on(Events.EPOCH_STARTED)
+    def _surface_reset(engine: Any) -> None:
+        surface.clear()
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _surface_collect(engine: Any) -> None:
+        from volseg.metrics import evaluate_case
+
+        if world > 1:  # each rank sees only its share of the validation cases
+            return
+        for item in engine.state.output if isinstance(engine.state.output, list) else []:
+            pred, ref = item["pred"], item["label"]
+            aff = pred.affine.cpu().numpy() if hasattr(pred, "affine") else np.eye(4)
+            nd = pred.ndim - 1
+            spacing = np.sqrt((aff[:nd, :nd] ** 2).sum(axis=0))
+            surface.append(
+                evaluate_case(pred.argmax(0).cpu().numpy(), ref.argmax(0).cpu().numpy(), label_values, spacing)
+            )
+
     @evaluator.on(Events.COMPLETED)
     def _val(engine: Any) -> None:
         m = engine.state.metrics
         state["dice"] = _per_label(m.get("val_dice"), names)
         state["iou"] = _per_label(m.get("val_iou"), names)
+        state["surface"] = {
+            name: {metric: _defined_mean([c[name][metric] for c in surface]) for metric in ("hd95", "assd", "nsd")}
+            for name in label_values
+        }
         if engine.state.best_metric > state["best"]:
             state["best"] = float(engine.state.best_metric)
             state["best_epoch"] = trainer.state.epoch
@@ -450,6 +485,11 @@ def _run(
         if state["dice"] and evaluator.state.epoch and engine.state.epoch % recipe.train.val_interval == 0:
             dice = " ".join(f"{k} {v:.3f}" for k, v in state["dice"].items())
             line += f"  val dice {dice}  (best mean {state['best']:.3f} @ {state['best_epoch']})"
+            hd95 = " ".join(
+                f"{k} {v['hd95']:.1f}" for k, v in state.get("surface", {}).items() if v["hd95"] == v["hd95"]
+            )
+            if hd95:
+                line += f"  hd95 mm {hd95}"
         line += f"  {time.perf_counter() - state['epoch_t']:.1f} s"
         state["epoch_t"] = time.perf_counter()
         echo(line)
@@ -517,6 +557,7 @@ def _run(
         seconds=time.perf_counter() - t0,
         losses=losses,
         stopped_early=stopped,
+        surface=state.get("surface", {}),
     )
     if world > 1:
         digests: Any = idist.all_gather(_state_digest(network))
@@ -564,6 +605,10 @@ def finish_bundle(
     # The per-label figures are those of the last validation; the best epoch's mean is above.
     metrics.update({f"val_dice_{k}": round(v, 4) for k, v in result.per_label_dice.items()})
     metrics.update({f"val_iou_{k}": round(v, 4) for k, v in result.per_label_iou.items()})
+    for k, vals in result.surface.items():
+        for metric, v in vals.items():
+            if v == v:  # defined
+                metrics[f"val_{metric}_{k}"] = round(v, 4)
     note = (
         f"Trained with volseg {__version__} on {n_train} cases from `{base}` and validated on {n_val}; "
         f"{result.epochs} epochs, best mean validation Dice {result.best_mean_dice:.4f} at epoch {result.best_epoch}."
