@@ -394,7 +394,7 @@ def main() -> None:
         help="kill a run whose resident memory passes this (default: 80%% of MemAvailable at start)",
     )
     ap.add_argument("--seed", type=int, default=0, help="phantom seed")
-    ap.add_argument("--work", type=Path, default=Path("/work/bench_scratch/infer"), help="volumes, outputs, logs")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench/infer"), help="volumes, outputs, logs")
     ap.add_argument("--baseline", type=Path, default=BASELINE, help="the baseline script")
     ap.add_argument("--baseline-roi", type=int, nargs=3, help="baseline window (default: the bundle's)")
     ap.add_argument("--baseline-overlap", type=float, help="baseline overlap (default: the bundle's)")

@@ -17,7 +17,7 @@ the batch in hand to the optimiser step done, so data loading waits are excluded
 stop the run at the time limit or the target.
 
 Usage:
-    python scripts/benchmark_train.py --config configs/demo_liver_ct.yaml --data /work/bench_scratch/data \
+    python scripts/benchmark_train.py --config configs/demo_liver_ct.yaml --data runs/bench/data \
         [--batch-size 2] [--patch 64 64 32] [--max-seconds 300] [--target-dice 0.9] [--target-label liver] \
         [--repeats 1] [--device cpu] [--set train.x=y ...] [--json train.json] [--md train.md]
 
@@ -314,7 +314,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "demo_liver_ct.yaml", help="volseg recipe")
-    ap.add_argument("--data", type=Path, default=Path("/work/bench_scratch/data"), help="MSD folder (volseg synth)")
+    ap.add_argument("--data", type=Path, default=Path("runs/bench/data"), help="MSD folder (volseg synth)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override (repeatable)")
     ap.add_argument("--patch", type=int, nargs="+", help="patch size for both (default: the recipe's)")
     ap.add_argument("--batch-size", type=int, help="volumes per iteration for both (default: the recipe's)")
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=float, default=None, help="kill a run after this (default max-seconds + 600)")
     ap.add_argument("--max-rss-gb", type=float, default=None, help="kill a run past this resident memory")
-    ap.add_argument("--work", type=Path, default=Path("/work/bench_scratch/train"))
+    ap.add_argument("--work", type=Path, default=Path("runs/bench/train"))
     ap.add_argument("--baseline", type=Path, default=BASELINE)
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--json", type=Path)
