@@ -279,6 +279,18 @@ def machine_lines(m: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def write_reports(result: dict[str, Any], md: str, json_path: Path | None, md_path: Path | None) -> None:
+    """Print the Markdown table and write the JSON and Markdown reports where asked."""
+    print()
+    print(md)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(md)
+
+
 def _cmd_phantom(argv: list[str]) -> int:
     import argparse
 

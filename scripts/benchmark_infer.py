@@ -49,6 +49,7 @@ from _bench_common import (  # noqa: E402
     machine_lines,
     run_child,
     spread,
+    write_reports,
 )
 
 BASELINE = Path("/work/shared/bench/monai_baseline_infer.py")
@@ -478,14 +479,7 @@ def main() -> None:
         if a.json:  # keep what is done, in case a later volume is interrupted
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    print()
-    print(md)
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    if a.md:
-        a.md.parent.mkdir(parents=True, exist_ok=True)
-        a.md.write_text(md)
+    write_reports(result, markdown(result), a.json, a.md)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from _bench_common import (  # noqa: E402
     machine_lines,
     run_child,
     spread,
+    write_reports,
 )
 
 BASELINE = Path("/work/shared/bench/monai_baseline_train.py")
@@ -475,14 +476,7 @@ def main() -> None:
         "its_overall_ratio": spread([p["its_overall_ratio"] for p in result["pairs"]]),
         "time_to_target_ratio": spread([p["time_to_target_ratio"] for p in result["pairs"]]),
     }
-    md = markdown(result)
-    print()
-    print(md)
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    if a.md:
-        a.md.parent.mkdir(parents=True, exist_ok=True)
-        a.md.write_text(md)
+    write_reports(result, markdown(result), a.json, a.md)
 
 
 if __name__ == "__main__":

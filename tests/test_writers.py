@@ -256,9 +256,9 @@ def test_failure_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.Monk
     def broken_rename(src: str | Path, dst: str | Path) -> None:
         raise KeyboardInterrupt  # the temporary file is complete, the rename never happens
 
-    import volseg.data.writers as writers_module
+    import volseg.fileio
 
-    monkeypatch.setattr(writers_module.os, "replace", broken_rename)
+    monkeypatch.setattr(volseg.fileio.os, "replace", broken_rename)
     with pytest.raises(KeyboardInterrupt):
         write_segmentation(labels, affine, tmp_path / "case", ["nifti"], SEGMENTS)
     assert files_in(tmp_path) == ["case.nrrd"]  # no temporary files, no partial outputs

@@ -18,15 +18,14 @@ The transform chains, network and inferer in these configs come from :mod:`volse
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from volseg import __version__
 from volseg.data import transforms as T
 from volseg.errors import UserError
+from volseg.fileio import write_text_atomic
 from volseg.nets import NETWORKS, network_config
 from volseg.recipe import CTIntensity, PercentileIntensity, Recipe, dump_recipe
 
@@ -632,11 +631,7 @@ def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: s
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from volseg.errors import UserError
+from volseg.fileio import atomic_path
 from volseg.metrics import evaluate_case
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -172,17 +171,11 @@ def _format(value: Any) -> str:
 
 def _write_csv(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
     """Write a CSV table to a temporary name in the same folder, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            for row in rows:
-                writer.writerow([_format(row[c]) for c in columns])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_format(row[c]) for c in columns])
 
 
 def summarize(rows: list[dict[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:

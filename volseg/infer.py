@@ -340,18 +340,12 @@ def save_prediction(
 
 def _write_png_labels(labels: np.ndarray, path: Path) -> Path:
     """A 2D label map as an 8-bit PNG (MONAI's 2D arrays are (x, y): transposed to rows and columns)."""
-    import uuid
-
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
+    from volseg.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(labels.T.astype(np.uint8))).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

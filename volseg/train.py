@@ -83,10 +83,10 @@ def _git_revision() -> str:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from volseg.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _per_label(value: Any, names: list[str]) -> dict[str, float]:
@@ -597,9 +597,10 @@ def finish_bundle(
     net.load_state_dict(state)
     example = torch.zeros(1, recipe.model.in_channels, *recipe.roi_size)
     ts = export_torchscript(net, example)
-    tmp = run_dir / "models" / ".model.ts.tmp"
-    torch.jit.save(ts, str(tmp))
-    os.replace(tmp, run_dir / "models" / "model.ts")
+    from volseg.fileio import atomic_path
+
+    with atomic_path(run_dir / "models" / "model.ts") as tmp:
+        torch.jit.save(ts, str(tmp))
 
     metrics: dict[str, float] = {"val_mean_dice": round(result.best_mean_dice, 4)}
     # The per-label figures are those of the last validation; the best epoch's mean is above.

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +55,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from volseg.errors import UserError
+from volseg.fileio import atomic_path, write_text_atomic
 
 __all__ = [
     "TASKS",
@@ -967,12 +966,8 @@ def _atomic_save(img, path: Path) -> None:
     """Save a nibabel image to a temporary name in the same folder, then rename it into place."""
     import nibabel as nib
 
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{uuid.uuid4().hex}.tmp.nii.gz")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray):
@@ -1069,14 +1064,7 @@ def write_dataset(
         "test": test,
         "synthetic": {"generator": "volseg.data.synth.liver_ct_phantom", "seed": int(seed), "size": size},
     }
-    path = root / "dataset.json"
-    tmp = path.with_name(f".dataset.{uuid.uuid4().hex}.tmp.json")
-    try:
-        tmp.write_text(json.dumps(dataset, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(root / "dataset.json", json.dumps(dataset, indent=2) + "\n")
 
 
 def best_window_dice(image: np.ndarray, mask: np.ndarray) -> tuple[float, int, int]:
@@ -1280,12 +1268,8 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     """Write a 2D array as a PNG (8-bit for uint8, 16-bit for uint16) under a temporary name, then rename."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.png")
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_cells_dataset(root: Path, n: int, seed: int, n_test: int) -> Path:
@@ -1325,11 +1309,4 @@ def _write_cells_dataset(root: Path, n: int, seed: int, n_test: int) -> Path:
         "test": test,
         "synthetic": {"generator": "volseg.data.synth.cells_image", "seed": int(seed), "shape": [256, 256]},
     }
-    path = root / "dataset.json"
-    tmp = path.with_name(f".dataset.{uuid.uuid4().hex}.tmp.json")
-    try:
-        tmp.write_text(json.dumps(dataset, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(root / "dataset.json", json.dumps(dataset, indent=2) + "\n")

@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import colorsys
 import gzip
-import os
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +41,7 @@ import numpy as np
 
 from volseg import __version__
 from volseg.errors import UserError
+from volseg.fileio import atomic_path
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -245,7 +243,7 @@ def write_probabilities(probs: np.ndarray, affine: np.ndarray, path: str | Path,
     img.header.set_xyzt_units("mm", "sec")
     img.header["descrip"] = b"volseg class probabilities"
     path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return path
 
@@ -314,22 +312,6 @@ def _tuple(value: Any, kind: type) -> Any:
 # Writing safely
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffixes); rename it to ``path`` when the block succeeds.
-
-    On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is left untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------------------
 # NIfTI
 
@@ -366,7 +348,7 @@ def _write_nifti(labels: np.ndarray, affine: np.ndarray, path: Path, reference: 
     hdr.set_intent("label")
     hdr["descrip"] = b"volseg segmentation"
     hdr["aux_file"] = b""
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         if path.name.endswith(".gz"):
             tmp.write_bytes(gzip_bytes(img.to_bytes()))
         else:
@@ -435,7 +417,7 @@ def _write_nrrd(path: Path, labels: np.ndarray, affine: np.ndarray, fields: dict
     lines += [f"{key}:={_escape(value)}" for key, value in fields.items()]
     header = ("\n".join(lines) + "\n\n").encode("utf-8")
     data = np.ravel(labels, order="F").data  # NRRD: first axis (i) fastest
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "xb") as f:
             f.write(header)
             with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=_GZIP_LEVEL, mtime=0) as gz:
@@ -730,5 +712,5 @@ def _write_dicom_seg(
         ],
         omit_empty_frames=bool(pixels.any()),  # a SEG needs at least one frame: keep them all when none holds any
     )
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         segmentation.save_as(tmp, enforce_file_format=True)
