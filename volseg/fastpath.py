@@ -10,7 +10,8 @@ the foreground, sliding window, softmax, back to the input grid, argmax, largest
 - the way back to the input grid is done slab by slab: probabilities are upsampled in-plane for a few source slices
   at a time, interpolated along the slice axis and turned into labels at once, so no full-resolution float
   probability volume is ever held (unless probabilities are asked for);
-- on a GPU every step runs there, in bfloat16 autocast for the network.
+- on a GPU every step runs there; the network runs in bfloat16 autocast on GPUs and on CPUs with native
+  bfloat16 (``infer.precision``, default ``auto``; ``fp32`` for exact float32).
 
 The resampling convention is that of ``torch.nn.functional.interpolate(..., align_corners=False)``: the model grid
 covers the same field of view as the input grid, so going there and back is exact in geometry.
@@ -18,7 +19,10 @@ covers the same field of view as the input grid, so going there and back is exac
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,11 @@ from volseg.errors import UserError
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Read a NIfTI as float32 (scaling applied) with its affine; gzip through ISA-L when available."""
+    """Read a NIfTI as float32 (scaling applied) with its affine; gzip through ISA-L when available.
+
+    The stored integers are converted and scaled by torch (all threads), several times faster than nibabel's
+    float64 scaling on a large CT.
+    """
     import nibabel as nib
 
     name = path.name.lower()
@@ -44,10 +52,13 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
                 import gzip
 
                 data = gzip.decompress(raw)
+            del raw
             img: Any = nib.Nifti1Image.from_bytes(data)
         else:
             img = nib.load(str(path))
-        arr = np.asarray(img.dataobj, dtype=np.float32)
+        stored = np.asarray(img.dataobj.get_unscaled())
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        arr = _to_float32(stored, float(slope), float(inter))
     except Exception as exc:  # noqa: BLE001 - any reader failure is a problem of the user's file
         raise UserError(
             f"cannot read image ({exc.__class__.__name__}: {str(exc).splitlines()[0][:150]})", path
@@ -55,26 +66,153 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     return arr, np.asarray(img.affine, dtype=np.float64), img
 
 
+def _to_float32(stored: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """``stored * slope + inter`` as float32 (NIfTI's scaling; nibabel treats a 0 or NaN slope as 1)."""
+    if not math.isfinite(slope) or slope == 0:
+        slope = 1.0
+    if not math.isfinite(inter):
+        inter = 0.0
+    if stored.dtype in (np.uint8, np.int8, np.int16, np.uint16, np.float32) and min(stored.strides) > 0:
+        import warnings
+
+        with warnings.catch_warnings():  # a read-only buffer: only read here, the result is a new tensor
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(stored)  # any positive strides (NIfTI arrays are Fortran-ordered): no copy
+        out = t.to(torch.float32, copy=True)
+        if slope != 1.0:
+            out.mul_(slope)
+        if inter != 0.0:
+            out.add_(inter)
+        return out.numpy()
+    # Wide integers and float64 keep their precision through the scaling before the conversion.
+    return (stored.astype(np.float64) * slope + inter).astype(np.float32)
+
+
+AFFINE_ATOL = 1e-8
+
+
 def model_grid(
     shape: tuple[int, ...], affine: np.ndarray, target: tuple[float, ...]
 ) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-    """MONAI ``Spacing``'s output grid for an image already in the target orientation.
+    """MONAI ``Spacing``'s output grid (``diagonal=False``, ``scale_extent=False``) for an image already in the
+    target orientation, computed without MONAI.
 
-    MONAI keeps the direction cosines, sets the spacing, sizes the grid with ``compute_shape_offset`` and places
-    it either at the first voxel or centred on the input. For the resulting grid, model voxel ``j`` sits at input
-    voxel ``scale * j + shift`` (per axis). Returns (shape, scale, shift).
+    The grid keeps the input's direction cosines (the orthogonal factor of the affine's 3 x 3 part, shear dropped)
+    with the target spacing; it is sized to span the centres of the input's corner voxels (rounded), and placed at
+    the input corner that comes first along every output axis, or centred on the input when no corner does
+    (oblique grids). For the resulting grid, model voxel ``j`` sits at input voxel ``scale * j + shift`` (per
+    axis). Returns (shape, scale, shift).
     """
-    from monai.data.utils import compute_shape_offset, zoom_affine
-
-    new = zoom_affine(affine, np.asarray(target, dtype=np.float64), diagonal=False)
-    out_shape, offset = compute_shape_offset(shape, affine, new)
-    new[:3, 3] = offset
-    m = np.linalg.solve(affine, new)
-    scale, shift = np.diag(m)[:3].copy(), m[:3, 3].copy()
-    off = m[:3, :3] - np.diag(scale)
+    a = np.asarray(affine, dtype=np.float64)
+    d = len(shape)
+    rzs = a[:d, :d]
+    q, r = np.linalg.qr(rzs)
+    rotation = q * np.sign(np.where(np.diag(r) == 0, 1.0, np.diag(r)))  # factor with a positive triangular part
+    spacing = np.abs(np.asarray(target, dtype=np.float64))
+    spacing[spacing == 0] = 1.0
+    new = np.eye(d + 1)
+    new[:d, :d] = rotation * spacing
+    # The input's corner voxel centres, in output voxel units (output origin at the world origin for now).
+    ranges = [(0.0, n - 1.0) for n in shape]
+    corners = np.stack(np.meshgrid(*ranges, indexing="ij")).reshape(d, -1)
+    corners_h = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    out_pts = np.linalg.solve(new, a @ corners_h)[:d]
+    out_shape = np.round(np.ptp(out_pts, axis=1) + 1.0)
+    world = (a @ corners_h)[:d]
+    offset = None
+    for i in range(corners.shape[1]):
+        if np.all(np.abs(np.min(out_pts - out_pts[:, i : i + 1], axis=1)) <= AFFINE_ATOL):
+            offset = world[:, i]
+            break
+    if offset is None:
+        offset = rzs @ (np.asarray(shape, dtype=np.float64) / 2.0) + a[:d, d] - new[:d, :d] @ (out_shape / 2.0)
+    new[:d, d] = offset
+    m = np.linalg.solve(a, new)
+    scale, shift = np.diag(m)[:d].copy(), m[:d, d].copy()
+    off = m[:d, :d] - np.diag(scale)
     if np.abs(off).max() > 1e-6 * np.abs(scale).max():
         raise ValueError("the model grid is not a scaling of the input grid")
     return tuple(int(n) for n in out_shape), scale, shift
+
+
+def importance_map(roi: tuple[int, ...], mode: str, device: torch.device) -> torch.Tensor:
+    """Window weights for blending: ones (``constant``), or a separable Gaussian centred on the window with
+    sigma = 0.125 x its size per axis (``gaussian``), floored at its smallest value (at least 1e-3) so that no
+    voxel gets zero weight. The same weights as MONAI's ``compute_importance_map`` defaults."""
+    if mode == "constant":
+        return torch.ones(roi, dtype=torch.float32, device=device)
+    if mode != "gaussian":
+        raise ValueError(f"unknown blending mode '{mode}' (constant or gaussian)")
+    w = torch.ones((), dtype=torch.float32, device=device)
+    for n in roi:
+        x = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2.0
+        g = torch.exp(-(x**2) / (2.0 * (0.125 * n) ** 2))
+        w = w[..., None] * g
+    return w.clamp_(min=max(float(w.min()), 1e-3))
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window start indices along one axis: steps of ``int(roi * (1 - overlap))`` (at least 1; one window when
+    the axis is exactly the window), the last window shifted back to end at the border."""
+    step = roi if roi == size else max(1, int(roi * (1.0 - overlap)))
+    starts = []
+    i = 0
+    while True:
+        starts.append(min(i * step, size - roi))
+        if i * step + roi >= size:
+            return starts
+        i += 1
+
+
+def sliding_window(
+    x: torch.Tensor,
+    roi: tuple[int, ...],
+    sw_batch_size: int,
+    predictor: Any,
+    overlap: float,
+    mode: str = "gaussian",
+    padding_mode: str = "constant",
+) -> torch.Tensor:
+    """Patch-based inference over a (1, C, *spatial) tensor: windows of ``roi`` with ``overlap``, run
+    ``sw_batch_size`` at a time, blended with :func:`importance_map` weights into float32 (1, K, *spatial).
+
+    Axes shorter than the window are padded symmetrically (``constant`` zeros or ``reflect``) and cropped back. A
+    predictor returning several outputs (deep supervision) contributes its last one. The windows, weights and
+    padding are those of MONAI's ``sliding_window_inference``, so the two agree to float rounding.
+    """
+    import torch.nn.functional as F
+
+    spatial = tuple(int(n) for n in x.shape[2:])
+    roi = tuple(int(r) for r in roi)
+    pads = [max(r - n, 0) for r, n in zip(roi, spatial, strict=True)]
+    if any(pads):
+        flat: list[int] = []
+        for p in reversed(pads):  # F.pad wants the last axis first
+            flat += [p // 2, p - p // 2]
+        x = F.pad(x, flat, mode=padding_mode)
+    size = tuple(int(n) for n in x.shape[2:])
+    axes = [window_starts(n, r, overlap) for n, r in zip(size, roi, strict=True)]
+    corners = [tuple(int(v) for v in c) for c in np.stack(np.meshgrid(*axes, indexing="ij")).reshape(len(roi), -1).T]
+    weights = importance_map(roi, mode, x.device)
+    out: torch.Tensor | None = None
+    count = torch.zeros(size, dtype=torch.float32, device=x.device)
+    for b0 in range(0, len(corners), sw_batch_size):
+        batch = corners[b0 : b0 + sw_batch_size]
+        windows = [tuple(slice(c, c + r) for c, r in zip(corner, roi, strict=True)) for corner in batch]
+        pred = predictor(torch.cat([x[(0, slice(None), *w)][None] for w in windows]))
+        if isinstance(pred, (tuple, list)):
+            pred = pred[-1]
+        pred = pred.float()
+        if out is None:
+            out = torch.zeros((1, pred.shape[1], *size), dtype=torch.float32, device=x.device)
+        for k, w in enumerate(windows):
+            out[(0, slice(None), *w)] += pred[k] * weights
+            count[w] += weights
+    assert out is not None
+    out /= count
+    if any(pads):
+        out = out[(slice(None), slice(None), *(slice(p // 2, p // 2 + n) for p, n in zip(pads, spatial, strict=True)))]
+    return out
 
 
 def downsample(x: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
@@ -127,8 +265,9 @@ def back_to_input(
     # grid_sample's normalised coordinates (align_corners=True): -1 is index 0, +1 the last index; beyond: border.
     gx = (2.0 * px / max(1, xs - 1) - 1.0).to(dt)
     gy = (2.0 * py / max(1, ys - 1) - 1.0).to(dt)
-    # (1, X, Y, 2) with [..., 0] indexing Y' (grid_sample's width) and [..., 1] indexing X' (its height).
-    plane_grid = torch.stack(torch.meshgrid(gy, gx, indexing="xy"), dim=-1)[None]
+    # (1, Y, X, 2) with [..., 0] indexing Y' (grid_sample's width) and [..., 1] indexing X' (its height): slabs
+    # come out as (K, C, Y, X), so labels stacked along Z are a Fortran-ordered (X, Y, Z) array, NIfTI's layout.
+    plane_grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij"), dim=-1)[None]
     pz = pz.clamp(0, zs - 1)
     lo = pz.floor().long().clamp(max=zs - 1)
     hi = (lo + 1).clamp(max=zs - 1)
@@ -137,7 +276,7 @@ def back_to_input(
     if want_probs:
         out = torch.empty((c, *out_shape), dtype=dt, device=dev)
     else:
-        out = torch.empty((out_shape[2], out_shape[0], out_shape[1]), dtype=torch.uint8, device=dev)
+        out = torch.empty((out_shape[2], out_shape[1], out_shape[0]), dtype=torch.uint8, device=dev)
     for k0 in range(0, out_shape[2], chunk):
         k1 = min(out_shape[2], k0 + chunk)
         # Along Z first, at the model's in-plane size (cheap), then in-plane to every input pixel: the two linear
@@ -147,32 +286,54 @@ def back_to_input(
         zb = a + (b - a) * w[k0:k1].view(-1, 1, 1, 1)  # (K, C, X', Y')
         slab = F.grid_sample(
             zb, plane_grid.expand(zb.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
-        )  # (K, C, X, Y)
+        )  # (K, C, Y, X)
         if want_probs:
-            out[..., k0:k1] = slab.permute(1, 2, 3, 0)
+            out[..., k0:k1] = slab.permute(1, 3, 2, 0)
         else:
             out[k0:k1] = _argmax0(slab.transpose(0, 1))
-    return out if want_probs else out.permute(1, 2, 0)
+    return out if want_probs else out.permute(2, 1, 0)
 
 
-def _largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """Keep only the largest face-connected component of each given label (in place; others become 0)."""
+def _largest_component(labels: np.ndarray, values: list[int], box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Keep only the largest face-connected component of each given label (in place; others become 0).
+
+    ``box``: a region known to hold every voxel of these labels (the work is done there only).
+    """
     from scipy import ndimage
 
+    region = labels if box is None else labels[box]
     for v in values:
-        mask = labels == v
-        boxes = ndimage.find_objects(mask.astype(np.uint8))
-        if not boxes or boxes[0] is None:
-            continue
-        box = boxes[0]
-        sub = mask[box]
-        comp, n = ndimage.label(sub)
+        mask = region == v
+        comp, n = ndimage.label(mask)
         if n > 1:
             sizes = np.bincount(comp.ravel())
             sizes[0] = 0
-            region = labels[box]
-            region[sub & (comp != sizes.argmax())] = 0
+            region[mask & (comp != sizes.argmax())] = 0
     return labels
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the network runs in bfloat16 autocast for a precision setting (auto, fp32, bf16) on a device."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 class FastEngine:
@@ -184,7 +345,9 @@ class FastEngine:
         device: where to compute.
     """
 
-    def __init__(self, recipe: Any, network: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, recipe: Any, network: torch.nn.Module, device: torch.device, precision: str | None = None
+    ) -> None:
         from volseg.recipe import CTIntensity
 
         if recipe.model.spatial_dims != 3:
@@ -194,6 +357,11 @@ class FastEngine:
         self.device = device
         self.ct = isinstance(recipe.data.intensity, CTIntensity)
         self.keep = [recipe.data.labels[n].value for n in recipe.infer.postprocess.largest_component]
+        self.precision = precision or recipe.infer.precision
+        self.bf16 = use_bf16(self.precision, device)
+        if self.keep and "scipy.ndimage" not in sys.modules:
+            # Importing scipy.ndimage takes about 0.4 s; let it happen while the image is read and segmented.
+            threading.Thread(target=importlib.import_module, args=("scipy.ndimage",), daemon=True).start()
 
     def _orient(self, arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Reorient (flip and permute axes, no resampling) to the recipe's axis codes, as MONAI's Orientation does.
@@ -216,13 +384,13 @@ class FastEngine:
 
     @staticmethod
     def _unorient(labels: np.ndarray, ornt: np.ndarray) -> np.ndarray:
-        """Undo :meth:`_orient` on a 3D array."""
+        """Undo :meth:`_orient` on a 3D array; the result is Fortran-ordered (NIfTI's layout, written by a copy)."""
         inv = np.asarray(ornt[:, 0], dtype=int)  # new axis j holds original axis order
         out = np.transpose(labels, [int(i) for i in inv])
         for axis, flip in enumerate(ornt[:, 1]):
             if flip == -1:
                 out = np.flip(out, axis=axis)
-        return np.ascontiguousarray(out)
+        return np.asfortranarray(out)
 
     def _intensity(self, x: torch.Tensor) -> torch.Tensor:
         inten = self.recipe.data.intensity
@@ -239,8 +407,6 @@ class FastEngine:
 
     def segment(self, arr: np.ndarray, affine: np.ndarray, probabilities: bool = False) -> tuple[np.ndarray, Any]:
         """Labels (uint8, the input array's layout) for a 3D (or 3D + channels) array with its affine."""
-        from monai.inferers import sliding_window_inference
-
         r = self.recipe
         view, ornt, view_affine = self._orient(arr, affine)
         spatial = view.shape[:3]
@@ -271,19 +437,17 @@ class FastEngine:
             lo = [int(i[0]) for i in idx]
             hi = [int(i[-1]) + 1 for i in idx]
         crop = img[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        use_amp = dev.type == "cuda"
+        use_amp = self.bf16
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = sliding_window_inference(
+            logits = sliding_window(
                 crop[None],
-                roi_size=list(r.roi_size),
-                sw_batch_size=r.infer.sw_batch_size,
-                predictor=self.network,
-                overlap=r.infer.overlap,
-                mode=r.infer.blend,
-                padding_mode=r.infer.padding_mode,
+                tuple(r.roi_size),
+                r.infer.sw_batch_size,
+                self.network,
+                r.infer.overlap,
+                r.infer.blend,
+                r.infer.padding_mode,
             )
-        if isinstance(logits, (tuple, list)):
-            logits = logits[-1]
         probs_crop = torch.softmax(logits[0].float(), dim=0)
         n = probs_crop.shape[0]
         # Outside the foreground crop every class gets 0, as MONAI's inverse of the crop pads (argmax: background).
@@ -292,19 +456,60 @@ class FastEngine:
         del probs_crop, logits, img, crop
         full_probs = None
         chunk = max(1, min(64, int(2**24 // max(1, n * spatial[0] * spatial[1]))))
+        box: tuple[slice, ...] | None = None
         if probabilities:
             full_probs = back_to_input(probs, scale, shift, spatial, chunk, want_probs=True).cpu().numpy()
             labels_t = torch.from_numpy(full_probs.argmax(axis=0).astype(np.uint8))
         else:
-            labels_t = back_to_input(probs, scale, shift, spatial, chunk)
-        labels = labels_t.cpu().numpy()
-        if self.keep:
-            labels = _largest_component(labels, self.keep)
-        out = self._unorient(labels, ornt)
+            labels_t, box = self._labels_on_input(probs, scale, shift, spatial)
+        out = self._unorient(labels_t.cpu().numpy(), ornt)
+        if self.keep:  # in the input's layout (face connectivity does not see orientation)
+            stored_box = None
+            if box is not None:  # the foreground box, from view axes to stored axes
+                stored = [slice(0, 0)] * 3
+                for p_axis, q_axis in enumerate(perm):
+                    b, n_q = box[p_axis], arr.shape[q_axis]
+                    stored[q_axis] = slice(n_q - b.stop, n_q - b.start) if ornt[q_axis, 1] == -1 else b
+                stored_box = tuple(stored)
+            out = _largest_component(out, self.keep, stored_box)
         if full_probs is not None:
             full_probs = np.stack([self._unorient(p, ornt) for p in full_probs])
             full_probs[0] += np.clip(1.0 - full_probs.sum(axis=0), 0, 1)
         return out, full_probs
+
+
+    @staticmethod
+    def _labels_on_input(
+        probs: torch.Tensor, scale: np.ndarray, shift: np.ndarray, spatial: tuple[int, ...]
+    ) -> tuple[torch.Tensor, tuple[slice, ...]]:
+        """Labels on the input grid, computed only inside the box that can hold foreground (returned too).
+
+        Interpolation is a convex combination: where background wins at all eight model voxels around an input
+        voxel, it wins there too. So input voxels farther than one model voxel from every model voxel where a
+        foreground class beats background are background, and only the box around those (one model voxel of
+        margin, plus one for rounding) is resampled. The result equals resampling everything.
+        """
+        n = probs.shape[0]
+        labels = torch.zeros(tuple(spatial[::-1]), dtype=torch.uint8, device=probs.device).permute(2, 1, 0)
+        empty = (slice(0, 0),) * 3
+        fg = (probs[1:] > probs[:1]).any(dim=0)
+        if not bool(fg.any()):
+            return labels, empty
+        lo, hi, box = [], [], []
+        for axis in range(3):
+            idx = torch.nonzero(fg.any(dim=tuple(d for d in range(3) if d != axis))).flatten()
+            a, b = int(idx[0]) - 2, int(idx[-1]) + 2
+            v0 = max(0, math.ceil(float(scale[axis]) * a + float(shift[axis])))
+            v1 = min(spatial[axis] - 1, math.floor(float(scale[axis]) * b + float(shift[axis])))
+            if v1 < v0:
+                return labels, empty
+            lo.append(v0)
+            hi.append(v1 + 1)
+            box.append(slice(v0, v1 + 1))
+        sub = tuple(h - l for l, h in zip(lo, hi, strict=True))
+        chunk = max(1, min(64, int(2**24 // max(1, n * sub[0] * sub[1]))))
+        labels[tuple(box)] = back_to_input(probs, scale, shift - np.asarray(lo, dtype=np.float64), sub, chunk)
+        return labels, tuple(box)
 
 
 def probability_budget_ok(shape: tuple[int, ...], n_classes: int, limit_bytes: float = 8e9) -> bool:

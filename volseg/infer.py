@@ -102,13 +102,15 @@ class Predictor:
     """
 
     def __init__(
-        self, bundle_dir: str | Path, device: str | None = None, engine: str = "fast", trust: bool = False
+        self,
+        bundle_dir: str | Path,
+        device: str | None = None,
+        engine: str = "fast",
+        trust: bool = False,
+        precision: str | None = None,
     ) -> None:
-        import sys
-
-        from monai.bundle import ConfigParser
-
         from volseg.train import resolve_device
+        from volseg.trust import check_bundle
 
         self.bundle_dir = Path(bundle_dir).resolve()
         cfg_file = self.bundle_dir / "configs" / "inference.json"
@@ -117,32 +119,19 @@ class Predictor:
             raise UserError("not a bundle: configs/inference.json is missing", self.bundle_dir)
         if not weights.is_file():
             raise UserError("bundle has no weights: models/model.pt is missing (train it first)", self.bundle_dir)
-        from volseg.trust import check_bundle, safe_torch_load
-
-        check_bundle(self.bundle_dir, trust=trust)
-        self.device = resolve_device(device)
-        parser = ConfigParser()
-        parser.read_config(str(cfg_file))
-        parser["bundle_root"] = str(self.bundle_dir)
-        parser["device"] = f"$torch.device('{self.device}')"
-        if (self.bundle_dir / "scripts").is_dir() and str(self.bundle_dir) not in sys.path:
-            sys.path.insert(0, str(self.bundle_dir))
-        # Everything up to the writer: volseg writes the output itself, on the input's grid.
-        post = parser["postprocessing"]["transforms"]
-        parser["postprocessing"]["transforms"] = [t for t in post if t.get("_target_") != "SaveImaged"]
-        self.preprocessing = parser.get_parsed_content("preprocessing")
-        self.postprocessing = parser.get_parsed_content("postprocessing")
-        self.segments = _segments(self.bundle_dir)
-        self.algorithm = _algorithm(self.bundle_dir)
-        self.inferer = parser.get_parsed_content("inferer")
-        net = parser.get_parsed_content("network_def")
-        state = safe_torch_load(weights)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        net.load_state_dict(state)
-        self.network = net.to(self.device).eval()
         if engine not in ("fast", "monai"):
             raise UserError(f"unknown engine '{engine}'; known: fast, monai", "--engine")
+        if precision not in (None, "auto", "fp32", "bf16"):
+            raise UserError(f"unknown precision '{precision}'; known: auto, fp32, bf16", "--precision")
+        self.trust = trust
+        # The configs are vetted when the MONAI chain is built (it evaluates them); the fast engine reads only the
+        # recipe and the weights.
+        check_bundle(self.bundle_dir, trust=trust, configs=False)
+        self.device = resolve_device(device)
+        self.segments = _segments(self.bundle_dir)
+        self.algorithm = _algorithm(self.bundle_dir)
+        self.network: torch.nn.Module | None = None
+        self._chain: dict[str, Any] | None = None
         self.fast = None
         if engine == "fast" and (self.bundle_dir / "configs" / "volseg_recipe.yaml").is_file():
             from volseg.bundle import read_bundle_recipe
@@ -150,7 +139,81 @@ class Predictor:
 
             recipe = read_bundle_recipe(self.bundle_dir)
             if recipe.model.spatial_dims == 3:
-                self.fast = FastEngine(recipe, self.network, self.device)
+                self.network = self._plain_network(recipe)
+                if self.network is None:
+                    self._build_chain()
+                assert self.network is not None
+                self.fast = FastEngine(recipe, self.network, self.device, precision)
+        if self.fast is None:
+            self._build_chain()
+
+    def _weights(self) -> dict[str, Any]:
+        from volseg.trust import safe_torch_load
+
+        state = safe_torch_load(self.bundle_dir / "models" / "model.pt")
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        return state
+
+    def _plain_network(self, recipe: Any) -> torch.nn.Module | None:
+        """The bundle's network built without MONAI (:mod:`volseg.fastnets`), weights loaded; None if not covered."""
+        from volseg.fastnets import build_inference_network
+        from volseg.nets import network_config
+
+        m = recipe.model
+        cfg = network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args, for_inference=True)
+        net = build_inference_network(cfg)
+        if net is None:
+            return None
+        try:
+            net.load_state_dict(self._weights(), strict=True)
+        except RuntimeError:
+            return None  # the weights are not those of the recipe's network: let MONAI's build report it
+        return net.to(self.device).eval()
+
+    def _build_chain(self) -> dict[str, Any]:
+        """The bundle's own MONAI chain (preprocessing, inferer, postprocessing) and, if not built yet, its network."""
+        if self._chain is not None:
+            return self._chain
+        import sys
+
+        from monai.bundle import ConfigParser
+
+        from volseg.trust import check_bundle
+
+        check_bundle(self.bundle_dir, trust=self.trust)
+        parser = ConfigParser()
+        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
+        parser["bundle_root"] = str(self.bundle_dir)
+        parser["device"] = f"$torch.device('{self.device}')"
+        if (self.bundle_dir / "scripts").is_dir() and str(self.bundle_dir) not in sys.path:
+            sys.path.insert(0, str(self.bundle_dir))
+        # Everything up to the writer: volseg writes the output itself, on the input's grid.
+        post = parser["postprocessing"]["transforms"]
+        parser["postprocessing"]["transforms"] = [t for t in post if t.get("_target_") != "SaveImaged"]
+        chain = {
+            "preprocessing": parser.get_parsed_content("preprocessing"),
+            "postprocessing": parser.get_parsed_content("postprocessing"),
+            "inferer": parser.get_parsed_content("inferer"),
+        }
+        if self.network is None:
+            net = parser.get_parsed_content("network_def")
+            net.load_state_dict(self._weights())
+            self.network = net.to(self.device).eval()
+        self._chain = chain
+        return chain
+
+    @property
+    def preprocessing(self) -> Any:
+        return self._build_chain()["preprocessing"]
+
+    @property
+    def postprocessing(self) -> Any:
+        return self._build_chain()["postprocessing"]
+
+    @property
+    def inferer(self) -> Any:
+        return self._build_chain()["inferer"]
 
     def _load(self, src: Path, series_uid: str | None) -> tuple[dict[str, Any], Any]:
         """Preprocess one input; DICOM series folders are read by volseg's own series reader."""
@@ -188,8 +251,6 @@ class Predictor:
             series_uid: which series of a DICOM folder (default: the CT/MR series with most slices).
             probabilities: also return the class probabilities on the input grid.
         """
-        from monai.transforms import Invertd
-
         t0 = time.perf_counter()
         src = Path(source)
         name = src.name.lower()
@@ -199,6 +260,8 @@ class Predictor:
             check_image_file(src, verify_data=False)
         if self.fast is not None and (src.is_dir() or name.endswith((".nii", ".nii.gz"))):
             return self._predict_fast(src, series_uid, probabilities, t0)
+        from monai.transforms import Invertd
+
         data, vol = self._load(src, series_uid)
         image = data["image"]
         with torch.inference_mode():
@@ -368,6 +431,7 @@ def run_inference(
     engine: str = "fast",
     trust: bool = False,
     qc: bool = False,
+    precision: str | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment every input; a bad input is reported and skipped.
 
@@ -385,8 +449,9 @@ def run_inference(
     sources = expand_inputs(inputs)
     if nproc_per_node > 1:
         return _spawn_inference(
-            sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities, engine, trust
-        )
+            sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities, engine, trust,
+            precision,
+        )  # fmt: skip
     # Under torchrun (or a spawned worker), each rank segments its own share of the cases.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -394,7 +459,9 @@ def run_inference(
         if torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         echo(f"rank {rank}/{world}: {len(sources)} case(s)")
-    return _segment(sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust, qc)
+    return _segment(
+        sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust, qc, precision
+    )
 
 
 def _segment(
@@ -409,9 +476,10 @@ def _segment(
     engine: str = "fast",
     trust: bool = False,
     qc: bool = False,
+    precision: str | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment the given cases one after the other with one predictor."""
-    predictor = Predictor(bundle, device, engine, trust)
+    predictor = Predictor(bundle, device, engine, trust, precision)
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
@@ -426,7 +494,9 @@ def _segment(
         if qc:
             paths.append(_write_qc(pred, output_base(src, out), predictor.segments, series_uid))
         written.append(paths[0])
-        counts = np.bincount(pred.labels.ravel(), minlength=2)
+        from volseg.data.writers import label_counts
+
+        counts = label_counts(pred.labels, minlength=2)
         for note in pred.notes:
             echo(f"[{i}/{len(sources)}] {src.name}: {note}")
         shown = ", ".join(str(p) for p in paths)
@@ -472,6 +542,7 @@ def _spawn_inference(
     probabilities: bool,
     engine: str,
     trust: bool,
+    precision: str | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Shard the cases over ``nproc`` processes started by ignite.distributed; gather what each wrote."""
     import json
@@ -484,7 +555,7 @@ def _spawn_inference(
         with idist.Parallel(backend=backend, nproc_per_node=nproc) as parallel:
             parallel.run(
                 _infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, formats, series_uid,
-                probabilities, reports, engine, trust,
+                probabilities, reports, engine, trust, precision,
             )  # fmt: skip
         written: list[Path] = []
         failures: list[tuple[Path, str]] = []
@@ -507,6 +578,7 @@ def _infer_worker(
     reports: str,
     engine: str = "fast",
     trust: bool = False,
+    precision: str | None = None,
 ) -> None:
     import json
 
@@ -532,6 +604,9 @@ def _infer_worker(
             series_uid,
             probabilities,
             engine,
+            trust,
+            False,
+            precision,
         )
         if mine
         else ([], [])

@@ -615,12 +615,14 @@ def _short(text: str, limit: int = 80) -> str:
 # Public API
 
 
-def check_bundle(bundle_dir: str | Path, trust: bool = False) -> None:
+def check_bundle(bundle_dir: str | Path, trust: bool = False, configs: bool = True) -> None:
     """Refuse to run a bundle volseg cannot vouch for, unless ``trust`` (``--trust-bundle``) is given.
 
     Args:
         bundle_dir: the bundle folder.
         trust: skip every check.
+        configs: also vet the configs' targets and expressions. Callers that evaluate no config (volseg's fast
+            engine reads only the recipe and the weights) pass False and check again before they build one.
 
     Raises:
         UserError: naming the bundle, the file and the offending target or expression, and the way out
@@ -632,7 +634,7 @@ def check_bundle(bundle_dir: str | Path, trust: bool = False) -> None:
     if not root.is_dir():
         raise UserError("bundle folder not found", root)
     problem = _manifest_problem(root) or _code_problem(root) or _drop_bytecode(root)
-    if problem is None:
+    if problem is None and configs:
         for path in _config_files(root):
             problem = _config_problem(path, path.relative_to(root).as_posix())
             if problem:

@@ -1,0 +1,257 @@
+"""The fast engine's own building blocks reproduce MONAI's (grid, windows, weights) without importing MONAI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+from volseg.fastpath import importance_map, model_grid, sliding_window
+
+
+def _monai_grid(shape, affine, target):
+    from monai.data.utils import compute_shape_offset, zoom_affine
+
+    new = zoom_affine(affine, np.asarray(target, dtype=np.float64), diagonal=False)
+    out_shape, offset = compute_shape_offset(shape, affine, new)
+    new[:3, 3] = offset
+    return tuple(int(n) for n in out_shape), new
+
+
+def _rotation(rng: np.random.Generator, degrees: float) -> np.ndarray:
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    t = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_model_grid_matches_monai_spacing(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(5, 120, size=3))
+    spacing = rng.uniform(0.4, 5.0, size=3)
+    rot = np.eye(3) if seed % 3 == 0 else _rotation(rng, float(rng.uniform(1, 40)))
+    if seed % 2:
+        rot = rot @ np.diag([1, 1, -1]) @ np.diag([1, -1, 1])  # a flipped, still RAS-like, frame
+    affine = np.eye(4)
+    affine[:3, :3] = rot * spacing
+    affine[:3, 3] = rng.uniform(-200, 200, size=3)
+    target = tuple(float(v) for v in rng.uniform(0.5, 5.0, size=3))
+    ref_shape, ref_affine = _monai_grid(shape, affine, target)
+    try:
+        out_shape, scale, shift = model_grid(shape, affine, target)
+    except ValueError:
+        pytest.skip("grid is not a scaling of the input (oblique beyond what the engine handles)")
+    assert out_shape == ref_shape
+    m = np.linalg.solve(affine, ref_affine)
+    np.testing.assert_allclose(scale, np.diag(m)[:3], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(shift, m[:3, 3], rtol=1e-9, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_importance_map_matches_monai(mode: str) -> None:
+    from monai.inferers.utils import compute_importance_map
+
+    for roi in [(64, 64, 32), (7, 12, 5), (96, 96)]:
+        np.testing.assert_allclose(
+            importance_map(roi, mode, torch.device("cpu")).numpy(),
+            compute_importance_map(roi, mode=mode).numpy(),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+
+
+@pytest.mark.parametrize(
+    ("shape", "roi", "overlap", "mode", "padding"),
+    [
+        ((50, 41, 23), (16, 16, 8), 0.25, "gaussian", "constant"),
+        ((50, 41, 23), (16, 16, 8), 0.5, "constant", "constant"),
+        ((10, 41, 5), (16, 16, 8), 0.25, "gaussian", "reflect"),  # axes shorter than the window are padded
+        ((16, 16, 8), (16, 16, 8), 0.25, "gaussian", "constant"),
+        ((33, 20), (8, 8), 0.6, "gaussian", "replicate"),
+    ],
+)
+def test_sliding_window_matches_monai(shape, roi, overlap, mode, padding) -> None:
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    conv = (torch.nn.Conv3d if len(shape) == 3 else torch.nn.Conv2d)(2, 3, 3, padding=1)
+    net = torch.nn.Sequential(conv, torch.nn.Tanh())
+    x = torch.randn(1, 2, *shape)
+    with torch.no_grad():
+        ours = sliding_window(x, roi, 3, net, overlap, mode, padding)
+        ref = sliding_window_inference(x, roi, 3, net, overlap=overlap, mode=mode, padding_mode=padding)
+    assert ours.shape == ref.shape == (1, 3, *shape)
+    np.testing.assert_allclose(ours.numpy(), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_takes_the_last_deep_supervision_head() -> None:
+    class TwoHeads(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x * 0, x + 1
+
+    out = sliding_window(torch.zeros(1, 1, 20, 20, 10), (8, 8, 8), 2, TwoHeads(), 0.25)
+    np.testing.assert_allclose(out.numpy(), 1.0, rtol=1e-6)
+
+
+UNET_VARIANTS = [
+    (3, {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}),
+    (3, {"channels": [8, 16, 32, 64, 64], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch"}),
+    (3, {"channels": [8, 16, 32], "strides": [[2, 2, 1], 2], "num_res_units": 0, "norm": "batch"}),
+    (3, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 2, "kernel_size": 5, "up_kernel_size": 3,
+         "dropout": 0.2, "bias": False, "adn_ordering": "AN"}),  # fmt: skip
+    (2, {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 0, "norm": "INSTANCE"}),
+    (2, {"channels": [8, 16], "strides": [2, 2, 2], "num_res_units": 3, "norm": "batch"}),  # extra strides unused
+]
+
+
+@pytest.mark.parametrize(("dims", "args"), UNET_VARIANTS)
+def test_plain_torch_unet_equals_monai(dims: int, args: dict) -> None:
+    from volseg.fastnets import build_inference_network
+    from volseg.nets import build_network, network_config
+
+    cfg = network_config("unet", dims, 2, 3, args, for_inference=True)
+    torch.manual_seed(1)
+    ref = build_network(cfg)
+    with torch.no_grad():  # non-trivial norm statistics and PReLU slopes
+        for name, buf in ref.named_buffers():
+            if "running_var" in name:
+                buf.uniform_(0.5, 2.0)
+            elif "running_mean" in name:
+                buf.normal_()
+        for name, p in ref.named_parameters():
+            if name.endswith("A.weight"):
+                p.uniform_(0.0, 0.5)
+    ref.eval()
+    ours = build_inference_network(cfg)
+    assert ours is not None
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 2, *([32] * dims))
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(x).numpy(), ref(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+         "channels": [8, 16], "strides": [2], "act": ("leakyrelu", {"negative_slope": 0.1})},
+        {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+         "channels": [8, 16], "strides": [2], "norm": "group"},
+        {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2},
+    ],
+)  # fmt: skip
+def test_networks_not_covered_fall_back(cfg: dict) -> None:
+    from volseg.fastnets import build_inference_network
+
+    assert build_inference_network(cfg) is None
+
+
+def test_fast_inference_does_not_import_monai(trained_bundle, tmp_path) -> None:
+    """Importing MONAI costs seconds; the fast engine's whole path (read, segment, write) must not need it."""
+    from tests.conftest import save_nifti
+    from volseg.data.synth import liver_ct_phantom
+
+    ph = liver_ct_phantom(3, shape=(48, 40, 20), axcodes="LPS")
+    src = save_nifti(tmp_path / "ct.nii.gz", ph.image, ph.affine)
+    code = (
+        "import sys\n"
+        "from volseg.infer import run_inference\n"
+        f"w, f = run_inference([{str(src)!r}], {str(tmp_path / 'out')!r}, {str(trained_bundle)!r}, 'cpu',"
+        " echo=print)\n"
+        "assert w and not f, (w, f)\n"
+        "print('LOADED', sorted(m for m in ('monai', 'ignite', 'scipy.signal') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stdout, out.stdout
+    assert (tmp_path / "out" / "ct_seg.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_labels_only_in_the_foreground_box_equal_resampling_everything(seed: int) -> None:
+    """The box shortcut of the way back to the input grid is exact, not an approximation."""
+    from volseg.fastpath import FastEngine, back_to_input
+
+    rng = np.random.default_rng(seed)
+    model = tuple(int(n) for n in rng.integers(12, 30, size=3))
+    logits = torch.full((3, *model), -4.0)
+    logits[0] = 4.0
+    c = [int(rng.integers(3, n - 3)) for n in model]
+    logits[1, c[0] - 3 : c[0] + 2, c[1] - 2 : c[1] + 3, c[2] - 2 : c[2] + 1] = 6.0 + torch.rand(5, 5, 3)
+    logits[2, c[0], c[1], c[2]] = 9.0
+    logits += 0.5 * torch.randn_like(logits)
+    probs = torch.softmax(logits, dim=0)
+    scale = rng.uniform(1.2, 4.0, size=3)  # model voxel j sits at input voxel scale * j + shift
+    shift = rng.uniform(-0.5, 0.5, size=3)
+    spatial = tuple(int(np.floor(s * (m - 1) + b)) + 1 for m, s, b in zip(model, scale, shift, strict=True))
+    full = back_to_input(probs, scale, shift, spatial, chunk=7)
+    boxed, box = FastEngine._labels_on_input(probs, scale, shift, spatial)
+    assert torch.equal(full, boxed)
+    assert int((full > 0).sum()) > 0
+    inside = torch.zeros_like(full, dtype=torch.bool)
+    inside[box] = True
+    assert not bool((full[~inside] > 0).any())
+    assert inside.float().mean() < 0.6  # the box is a fraction of the volume
+
+
+def test_read_nifti_applies_scaling_in_float32(tmp_path) -> None:
+    import nibabel as nib
+
+    from volseg.fastpath import read_nifti
+
+    data = np.arange(-60, 60, dtype=np.int16).reshape(4, 5, 6)
+    img = nib.Nifti1Image(data, np.diag([0.7, 0.8, 2.5, 1.0]))
+    img.header.set_slope_inter(0.5, -1024.0)
+    nib.save(img, tmp_path / "s.nii.gz")
+    arr, affine, _ = read_nifti(tmp_path / "s.nii.gz")
+    assert arr.dtype == np.float32
+    np.testing.assert_array_equal(arr, data * 0.5 - 1024.0)
+    np.testing.assert_allclose(affine, np.diag([0.7, 0.8, 2.5, 1.0]))
+    nib.save(nib.Nifti1Image(data.astype(np.int32) * 1000, np.eye(4)), tmp_path / "i32.nii")
+    np.testing.assert_array_equal(read_nifti(tmp_path / "i32.nii")[0], data.astype(np.float32) * 1000)
+
+
+def test_label_counts_any_layout() -> None:
+    from volseg.data.writers import label_counts
+
+    lab = np.zeros((7, 8, 9), np.uint8, order="F")
+    lab[1:3, 2:5, 3:4] = 2
+    lab[0, 0, 0] = 1
+    for a in (lab, np.ascontiguousarray(lab), lab[::-1], lab.astype(np.int16)):
+        assert label_counts(a, minlength=4).tolist() == [7 * 8 * 9 - 7, 1, 6, 0]
+
+
+def test_precision_setting(monkeypatch) -> None:
+    import volseg.fastpath as fp
+
+    cpu = torch.device("cpu")
+    assert fp.use_bf16("bf16", cpu) and not fp.use_bf16("fp32", cpu)
+    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: False)
+    assert not fp.use_bf16("auto", cpu)
+    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: True)
+    assert fp.use_bf16("auto", cpu)
+
+
+def test_fp32_and_bf16_agree(trained_bundle, tmp_path) -> None:
+    from volseg.data.synth import liver_ct_phantom
+    from volseg.errors import UserError
+    from volseg.infer import Predictor
+    from volseg.metrics import dice_per_label
+
+    ph = liver_ct_phantom(5, shape=(56, 48, 24), axcodes="LPS")
+    exact = Predictor(trained_bundle, "cpu", precision="fp32")
+    half = Predictor(trained_bundle, "cpu", precision="bf16")
+    assert exact.fast is not None and not exact.fast.bf16 and half.fast.bf16
+    a, _ = exact.fast.segment(ph.image.astype(np.float32), ph.affine)
+    b, _ = half.fast.segment(ph.image.astype(np.float32), ph.affine)
+    assert (a == b).mean() > 0.995
+    if (a == 1).sum() > 100:
+        assert dice_per_label(a, b, {"liver": 1})["liver"] > 0.98
+    with pytest.raises(UserError, match="precision"):
+        Predictor(trained_bundle, "cpu", precision="fp8")
