@@ -141,6 +141,13 @@ def infer(
         bool, typer.Option("--trust-bundle", help="run a bundle volseg did not write, or whose code it cannot vet")
     ] = False,
     qc: Annotated[bool, typer.Option("--qc", help="also write a PNG montage per case (<case>_seg_qc.png)")] = False,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="network arithmetic of the fast engine: auto (bf16 on GPUs and on CPUs with native bf16), fp32 "
+            "(exact) or bf16 (default: the bundle recipe's infer.precision, normally auto)"
+        ),
+    ] = None,
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
@@ -149,6 +156,7 @@ def infer(
     written, failures = run_inference(
         inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series,
         probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle, qc=qc,
+        precision=precision,
     )  # fmt: skip
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")

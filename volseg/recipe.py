@@ -311,6 +311,11 @@ class Infer(_Strict):
         "removed from the prediction (the U-Net paper's overlap-tile strategy; inference only)",
     )
     tta_flips: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="the network's arithmetic in volseg's fast engine: auto is bfloat16 autocast on CUDA and on CPUs "
+        "with native bfloat16 (AVX512-BF16 or AMX), float32 elsewhere; fp32 always (exact, slower)",
+    )
     postprocess: Postprocess = Postprocess()
 
 
