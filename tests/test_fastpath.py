@@ -53,6 +53,21 @@ def test_model_grid_matches_monai_spacing(seed: int) -> None:
     np.testing.assert_allclose(shift, m[:3, 3], rtol=1e-9, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("shape", "spacing", "target"),
+    [((512, 512, 200), (0.7799999713897705, 0.7799999713897705, 2.5), (4.0, 4.0, 5.0)),
+     ((64, 80, 31), (1.5, 1.5, 1.5), (3.0, 3.0, 3.0))],  # fmt: skip
+)
+def test_model_grid_rounds_half_voxel_extents_like_monai(shape, spacing, target) -> None:
+    """Extents of exactly n + 0.5 output voxels: the shape must round the way MONAI's does."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = (-194.88709902763367, -193.65829348564148, -496.6002502441406)  # a benchmark CT's, in RAS
+    got = model_grid(shape, affine, target)[0]
+    assert got == _monai_grid(shape, affine, target)[0]
+    if shape[2] == 200:
+        assert got[2] == 100  # 199 x 2.5 / 5 + 1 = 100.5 voxels, rounded to even
+
+
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
 def test_importance_map_matches_monai(mode: str) -> None:
     from monai.inferers.utils import compute_importance_map
@@ -255,3 +270,26 @@ def test_fp32_and_bf16_agree(trained_bundle, tmp_path) -> None:
         assert dice_per_label(a, b, {"liver": 1})["liver"] > 0.98
     with pytest.raises(UserError, match="precision"):
         Predictor(trained_bundle, "cpu", precision="fp8")
+
+
+def test_inference_overrides(trained_bundle) -> None:
+    from volseg.data.synth import liver_ct_phantom
+    from volseg.errors import UserError
+    from volseg.infer import Predictor
+
+    sets = ["infer.blend=constant", "infer.postprocess.largest_component=[]", "data.crop_foreground=false",
+            "infer.mirror_border=4"]  # fmt: skip
+    p = Predictor(trained_bundle, "cpu", overrides=sets)
+    r = p.fast.recipe
+    assert (r.infer.blend, r.infer.postprocess.largest_component, r.data.crop_foreground) == ("constant", [], False)
+    assert p.fast.keep == [] and r.infer.mirror_border == 4
+    ph = liver_ct_phantom(5, shape=(48, 40, 20), axcodes="LPS")
+    labels, _ = p.fast.segment(ph.image.astype(np.float32), ph.affine)
+    plain, _ = Predictor(trained_bundle, "cpu").fast.segment(ph.image.astype(np.float32), ph.affine)
+    assert labels.shape == ph.image.shape and (labels == plain).mean() > 0.9  # fragments kept, no crop
+    for bad, why in [(["model.name=unet"], "cannot change at inference"), (["infer.roi_size=[8,8,8]"], "roi_size"),
+                     (["infer.blend=box"], "blend")]:  # fmt: skip
+        with pytest.raises(UserError, match=why):
+            Predictor(trained_bundle, "cpu", overrides=bad)
+    with pytest.raises(UserError, match="fast engine"):
+        Predictor(trained_bundle, "cpu", engine="monai", overrides=["infer.overlap=0.5"])

@@ -116,7 +116,9 @@ def model_grid(
     ranges = [(0.0, n - 1.0) for n in shape]
     corners = np.stack(np.meshgrid(*ranges, indexing="ij")).reshape(d, -1)
     corners_h = np.vstack([corners, np.ones((1, corners.shape[1]))])
-    out_pts = np.linalg.solve(new, a @ corners_h)[:d]
+    # Input voxel -> output voxel first, then the corners: this order (MONAI's) decides how extents of exactly
+    # n + 0.5 voxels round (to even), e.g. 200 slices of 2.5 mm resampled to 5 mm give 100 slices, not 101.
+    out_pts = (np.linalg.solve(new, a) @ corners_h)[:d]
     out_shape = np.round(np.ptp(out_pts, axis=1) + 1.0)
     world = (a @ corners_h)[:d]
     offset = None
@@ -437,6 +439,11 @@ class FastEngine:
             lo = [int(i[0]) for i in idx]
             hi = [int(i[-1]) + 1 for i in idx]
         crop = img[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        border = int(r.infer.mirror_border)
+        if border:  # the overlap-tile strategy: mirrored context around the whole image, removed after
+            import torch.nn.functional as F
+
+            crop = F.pad(crop[None], [border] * 6, mode="reflect")[0]
         use_amp = self.bf16
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = sliding_window(
@@ -448,6 +455,8 @@ class FastEngine:
                 r.infer.blend,
                 r.infer.padding_mode,
             )
+        if border:
+            logits = logits[..., border:-border, border:-border, border:-border]
         probs_crop = torch.softmax(logits[0].float(), dim=0)
         n = probs_crop.shape[0]
         # Outside the foreground crop every class gets 0, as MONAI's inverse of the crop pads (argmax: background).
