@@ -686,11 +686,11 @@ def export_recipe_bundles(configs_dir: str | Path, out_dir: str | Path) -> list[
     return written
 
 
-def read_bundle_recipe(bundle_dir: str | Path) -> Recipe:
-    """The recipe a volseg bundle was made from."""
+def read_bundle_recipe(bundle_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe a volseg bundle was made from (with ``key.path=value`` overrides, if given)."""
     from volseg.recipe import load_recipe
 
     path = Path(bundle_dir) / RECIPE_FILE
     if not path.is_file():
         raise UserError(f"not a volseg bundle: {RECIPE_FILE} is missing", bundle_dir)
-    return load_recipe(path)
+    return load_recipe(path, overrides)

@@ -148,6 +148,14 @@ def infer(
             "(exact) or bf16 (default: the bundle recipe's infer.precision, normally auto)"
         ),
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="change an inference setting of the bundle's recipe for this run (fast engine), e.g. "
+            "infer.overlap=0.5, infer.blend=constant, infer.postprocess.largest_component=[], data.crop_foreground=false",
+        ),
+    ] = None,
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
@@ -156,7 +164,7 @@ def infer(
     written, failures = run_inference(
         inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series,
         probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle, qc=qc,
-        precision=precision,
+        precision=precision, overrides=set_,
     )  # fmt: skip
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")

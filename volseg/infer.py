@@ -108,6 +108,7 @@ class Predictor:
         engine: str = "fast",
         trust: bool = False,
         precision: str | None = None,
+        overrides: list[str] | None = None,
     ) -> None:
         from volseg.train import resolve_device
         from volseg.trust import check_bundle
@@ -123,6 +124,10 @@ class Predictor:
             raise UserError(f"unknown engine '{engine}'; known: fast, monai", "--engine")
         if precision not in (None, "auto", "fp32", "bf16"):
             raise UserError(f"unknown precision '{precision}'; known: auto, fp32, bf16", "--precision")
+        _check_infer_overrides(overrides)
+        has_recipe = (self.bundle_dir / "configs" / "volseg_recipe.yaml").is_file()
+        if overrides and (engine != "fast" or not has_recipe):
+            raise UserError("--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set")
         self.trust = trust
         # The configs are vetted when the MONAI chain is built (it evaluates them); the fast engine reads only the
         # recipe and the weights.
@@ -133,11 +138,13 @@ class Predictor:
         self.network: torch.nn.Module | None = None
         self._chain: dict[str, Any] | None = None
         self.fast = None
-        if engine == "fast" and (self.bundle_dir / "configs" / "volseg_recipe.yaml").is_file():
+        if engine == "fast" and has_recipe:
             from volseg.bundle import read_bundle_recipe
             from volseg.fastpath import FastEngine
 
-            recipe = read_bundle_recipe(self.bundle_dir)
+            recipe = read_bundle_recipe(self.bundle_dir, overrides)
+            if overrides and recipe.model.spatial_dims != 3:
+                raise UserError("--set needs a 3D bundle (2D bundles run the MONAI chain)", "--set")
             if recipe.model.spatial_dims == 3:
                 self.network = self._plain_network(recipe)
                 if self.network is None:
@@ -309,6 +316,21 @@ class Predictor:
         return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
 
 
+INFER_OVERRIDABLE = ("infer.", "data.crop_foreground")
+
+
+def _check_infer_overrides(overrides: list[str] | None) -> None:
+    """At inference only the inference settings may change: the network was trained with the rest."""
+    from volseg.recipe import parse_override
+
+    for text in overrides or []:
+        key, _ = parse_override(text)
+        if not (key.startswith("infer.") or key == "data.crop_foreground") or key == "infer.roi_size":
+            raise UserError(
+                f"'{key}' cannot change at inference; infer.* (but roi_size) and data.crop_foreground can", "--set"
+            )
+
+
 def _segments(bundle_dir: Path) -> list[Any]:
     """Segment names, values, colours and codes: from the volseg recipe, else from the metadata's channel_def."""
     import json
@@ -432,6 +454,7 @@ def run_inference(
     trust: bool = False,
     qc: bool = False,
     precision: str | None = None,
+    overrides: list[str] | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment every input; a bad input is reported and skipped.
 
@@ -450,7 +473,7 @@ def run_inference(
     if nproc_per_node > 1:
         return _spawn_inference(
             sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities, engine, trust,
-            precision,
+            precision, overrides,
         )  # fmt: skip
     # Under torchrun (or a spawned worker), each rank segments its own share of the cases.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -460,8 +483,9 @@ def run_inference(
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         echo(f"rank {rank}/{world}: {len(sources)} case(s)")
     return _segment(
-        sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust, qc, precision
-    )
+        sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust, qc, precision,
+        overrides,
+    )  # fmt: skip
 
 
 def _segment(
@@ -477,9 +501,10 @@ def _segment(
     trust: bool = False,
     qc: bool = False,
     precision: str | None = None,
+    overrides: list[str] | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment the given cases one after the other with one predictor."""
-    predictor = Predictor(bundle, device, engine, trust, precision)
+    predictor = Predictor(bundle, device, engine, trust, precision, overrides)
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
@@ -543,6 +568,7 @@ def _spawn_inference(
     engine: str,
     trust: bool,
     precision: str | None = None,
+    overrides: list[str] | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Shard the cases over ``nproc`` processes started by ignite.distributed; gather what each wrote."""
     import json
@@ -555,7 +581,7 @@ def _spawn_inference(
         with idist.Parallel(backend=backend, nproc_per_node=nproc) as parallel:
             parallel.run(
                 _infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, formats, series_uid,
-                probabilities, reports, engine, trust, precision,
+                probabilities, reports, engine, trust, precision, overrides,
             )  # fmt: skip
         written: list[Path] = []
         failures: list[tuple[Path, str]] = []
@@ -579,6 +605,7 @@ def _infer_worker(
     engine: str = "fast",
     trust: bool = False,
     precision: str | None = None,
+    overrides: list[str] | None = None,
 ) -> None:
     import json
 
@@ -607,6 +634,7 @@ def _infer_worker(
             trust,
             False,
             precision,
+            overrides,
         )
         if mine
         else ([], [])

@@ -310,7 +310,9 @@ class Infer(_Strict):
         description="pixels (voxels) of mirrored context added around the whole image before the sliding window and "
         "removed from the prediction (the U-Net paper's overlap-tile strategy; inference only)",
     )
-    tta_flips: bool = False
+    tta_flips: Literal[False] = Field(
+        default=False, description="test-time flipping is not implemented; the key is kept so that older bundles load"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description="the network's arithmetic in volseg's fast engine: auto is bfloat16 autocast on CUDA and on CPUs "
