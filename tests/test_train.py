@@ -104,3 +104,42 @@ def test_unet_plusplus_deep_supervision_trains_and_bundles(
     assert (tmp_path / "pp" / "scripts" / "nets.py").is_file()
     pred = Predictor(tmp_path / "pp", "cpu").predict(next((tiny_data / "imagesTr").glob("*.nii.gz")))
     assert pred.labels.ndim == 3 and pred.labels.max() <= 2
+
+
+def test_cpu_autocast_covers_training_iterations_only() -> None:
+    from ignite.engine import Engine
+
+    from volseg.train import attach_cpu_autocast
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen: list[tuple[bool, torch.dtype, torch.dtype]] = []
+
+    def step(engine, batch):
+        opt.zero_grad()
+        out = net(batch)
+        loss = out.square().mean()
+        loss.backward()
+        opt.step()
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype, net[0].weight.grad.dtype))
+        return loss.item()
+
+    trainer = Engine(step)
+    leave = attach_cpu_autocast(trainer, net)
+    trainer.run([torch.randn(1, 1, 8, 8, 8)] * 3, max_epochs=2)
+    assert seen == [(True, torch.float32, torch.float32)] * 6  # bf16 inside, float32 outputs and gradients
+    assert not torch.is_autocast_enabled("cpu")
+    assert net[0].weight.dtype == torch.float32
+
+    def boom(engine, batch):
+        raise RuntimeError("stop inside an iteration")
+
+    failing = Engine(boom)
+    leave = attach_cpu_autocast(failing, net)
+    try:
+        failing.run([torch.zeros(1)], max_epochs=1)
+    except RuntimeError:
+        pass
+    assert torch.is_autocast_enabled("cpu")  # left on by the interrupted iteration, until the run's closer
+    leave()
+    assert not torch.is_autocast_enabled("cpu")

@@ -285,7 +285,11 @@ class Train(_Strict):
     optimizer: Optimizer = Optimizer()
     scheduler: Scheduler = Scheduler()
     loss: Loss = Loss()
-    amp: bool = True
+    amp: bool = Field(
+        default=True,
+        description="mixed precision for the training steps: AMP on CUDA (MONAI's trainer), bfloat16 autocast on CPUs "
+        "with native bfloat16 (AVX512-BF16 or AMX); float32 elsewhere or when false",
+    )
     val_interval: PositiveInt = 1
     early_stopping: EarlyStopping | None = None
     seed: int = 0

@@ -65,6 +65,49 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
+def cpu_bf16_training(recipe: Recipe, device: torch.device) -> bool:
+    """``train.amp`` on a CPU with native bfloat16 (AVX512-BF16 or AMX): the training steps run in bf16 autocast.
+
+    On CUDA, MONAI's trainer does AMP itself (``amp`` in train.json); on other CPUs the steps stay float32.
+    """
+    from volseg.fastpath import cpu_has_native_bf16
+
+    return device.type == "cpu" and recipe.train.amp and cpu_has_native_bf16()
+
+
+def attach_cpu_autocast(trainer: Any, network: torch.nn.Module) -> Callable[[], None]:
+    """Run each training iteration (forward, and so its backward) under CPU bfloat16 autocast.
+
+    The network's outputs are cast back to float32 by a forward hook, so the loss is computed in float32; the
+    weights, gradients and optimizer state stay float32 (autocast keeps master weights). Validation, which runs
+    between iterations, stays float32. Returns the function that leaves the autocast region (for a run that
+    stopped inside an iteration).
+    """
+    import contextlib
+
+    from ignite.engine import Events
+
+    stack = contextlib.ExitStack()
+
+    def _enter(engine: Any) -> None:
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+
+    def _leave(engine: Any) -> None:
+        stack.close()
+
+    def _to_float(module: Any, args: Any, out: Any) -> Any:
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        if isinstance(out, (list, tuple)):
+            return type(out)(o.float() if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+
+    network.register_forward_hook(_to_float)
+    trainer.add_event_handler(Events.ITERATION_STARTED, _enter)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, _leave)
+    return stack.close
+
+
 def _git_revision() -> str:
     try:
         out = subprocess.run(
@@ -406,6 +449,11 @@ def _run(
         )
         evaluator.add_event_handler(Events.COMPLETED, stopper)
 
+    leave_autocast: Callable[[], None] = lambda: None
+    if cpu_bf16_training(recipe, dev):
+        leave_autocast = attach_cpu_autocast(trainer, network)
+        echo("training steps in bfloat16 autocast on this CPU (train.amp: false for float32)")
+
     losses: list[float] = []
     epoch_losses: list[float] = []
     state: dict[str, Any] = {"best": -1.0, "best_epoch": 0, "dice": {}, "iou": {}, "epoch_t": time.perf_counter()}
@@ -541,6 +589,7 @@ def _run(
     try:
         trainer.run()
     finally:
+        leave_autocast()  # also when an iteration was interrupted inside the autocast region
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if signals:
