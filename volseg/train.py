@@ -431,9 +431,14 @@ def _run(
         f"caching {len(train_cases)} training and {len(val_cases)} validation cases"
         + (f" over {world} processes" if world > 1 else "")
     )
+    network = parser.get_parsed_content("network")
+    if dev.type == "cpu" and recipe.model.spatial_dims == 3:
+        # oneDNN's 3D convolutions are faster channels-last on CPU (0.24 -> 0.17 s per step of the demo UNet here).
+        # Before the trainer (and DDP, which lays out its gradient buckets by the parameters) is built; state dicts
+        # load into any layout.
+        network.to(memory_format=torch.channels_last_3d)
     trainer = parser.get_parsed_content("train#trainer")
     evaluator = parser.get_parsed_content("validate#evaluator")
-    network = parser.get_parsed_content("network")
     optimizer = parser.get_parsed_content("optimizer")
     scheduler = parser.get_parsed_content("lr_scheduler") if "lr_scheduler" in cfg else None
     saver = next((h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver)), None)
