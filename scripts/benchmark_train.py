@@ -309,6 +309,17 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _precision_note(amp: bool, device: str) -> str:
+    """How volseg's training steps run with this amp setting on this device."""
+    from volseg.fastpath import cpu_has_native_bf16
+
+    if device.startswith("cuda"):
+        return "CUDA AMP" if amp else "float32"
+    if not amp:
+        return "float32, channels-last"
+    return "bf16 autocast, channels-last" if cpu_has_native_bf16() else "float32, channels-last (no native bf16)"
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--volseg-child":
         sys.exit(volseg_child(sys.argv[2]))
@@ -395,7 +406,7 @@ def main() -> None:
         "volseg_method": f"{t.loss.name} loss, {t.optimizer.name} lr {t.optimizer.lr:g}, {t.scheduler.name} schedule "
                          f"over {t.max_epochs} epochs of {t.iterations_per_epoch or 'one pass'} iterations, "
                          f"{t.sampler} sampling (pos {t.pos_fraction:g}), validation every {t.val_interval} epoch(s), "
-                         f"AMP {t.amp} (CUDA only)",
+                         f"amp {t.amp} ({_precision_note(t.amp, a.device)})",
         "baseline_method": f"DiceLoss, Adam lr 1e-4, pos/neg 1:1, no augmentation, epochs of one pass over the "
                            f"{len(train_cases)} training volumes, validation every {a.baseline_val_interval} epochs",
         "volseg_overrides": overrides,
