@@ -231,6 +231,27 @@ def downsample(x: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
     return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
+def downsample_slabs(
+    x: torch.Tensor, positions: list[torch.Tensor], device: torch.device, max_slab_bytes: float
+) -> torch.Tensor:
+    """:func:`downsample` for an input kept in host memory: slabs along the last axis, each holding the input
+    slices that one group of output slices reads, go to ``device`` one at a time (at most ``max_slab_bytes``)."""
+    n = x.shape[-1]
+    pz = positions[2].clamp(0, n - 1)
+    per_slice = max(1, x[..., :1].numel() * 4)
+    max_slices = max(2, int(max_slab_bytes // per_slice))
+    step = float((pz[1] - pz[0]).abs()) if len(pz) > 1 else 1.0
+    group = max(1, int((max_slices - 2) / max(step, 1e-9)) + 1)
+    parts = []
+    for k in range(0, len(pz), group):
+        sel = pz[k : k + group]
+        lo = int(math.floor(float(sel.min())))
+        hi = min(n - 1, int(math.floor(float(sel.max()))) + 1)
+        slab = x[..., lo : hi + 1].to(device, torch.float32)
+        parts.append(downsample(slab, [positions[0], positions[1], positions[2][k : k + group] - lo]))
+    return torch.cat(parts, dim=3)
+
+
 def _argmax0(t: torch.Tensor) -> torch.Tensor:
     """argmax over the first (class) axis as uint8, first maximum on ties, with contiguous per-class passes."""
     best = t[0].clone()
@@ -249,6 +270,7 @@ def back_to_input(
     out_shape: tuple[int, int, int],
     chunk: int,
     want_probs: bool = False,
+    out_device: torch.device | None = None,
 ) -> torch.Tensor:
     """The model-grid probabilities (C, X', Y', Z') on every input voxel (input voxel v sits at model coordinate
     (v - shift) / scale), slab by slab along Z: labels (X, Y, Z) uint8, or the probabilities (C, X, Y, Z).
@@ -275,10 +297,11 @@ def back_to_input(
     hi = (lo + 1).clamp(max=zs - 1)
     w = (pz - lo.to(pz.dtype)).to(dt)
     planes = probs.permute(3, 0, 1, 2)  # (Z', C, X', Y')
+    home = out_device or dev  # where the result is assembled (host memory keeps the device's use bounded)
     if want_probs:
-        out = torch.empty((c, *out_shape), dtype=dt, device=dev)
+        out = torch.empty((c, *out_shape), dtype=dt, device=home)
     else:
-        out = torch.empty((out_shape[2], out_shape[1], out_shape[0]), dtype=torch.uint8, device=dev)
+        out = torch.empty((out_shape[2], out_shape[1], out_shape[0]), dtype=torch.uint8, device=home)
     for k0 in range(0, out_shape[2], chunk):
         k1 = min(out_shape[2], k0 + chunk)
         # Along Z first, at the model's in-plane size (cheap), then in-plane to every input pixel: the two linear
@@ -290,9 +313,9 @@ def back_to_input(
             zb, plane_grid.expand(zb.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
         )  # (K, C, Y, X)
         if want_probs:
-            out[..., k0:k1] = slab.permute(1, 3, 2, 0)
+            out[..., k0:k1] = slab.permute(1, 3, 2, 0).to(home)
         else:
-            out[k0:k1] = _argmax0(slab.transpose(0, 1))
+            out[k0:k1] = _argmax0(slab.transpose(0, 1)).to(home)
     return out if want_probs else out.permute(2, 1, 0)
 
 
@@ -359,11 +382,31 @@ class FastEngine:
         self.device = device
         self.ct = isinstance(recipe.data.intensity, CTIntensity)
         self.keep = [recipe.data.labels[n].value for n in recipe.infer.postprocess.largest_component]
+        self.plan = "whole"
+        self.slab_bytes = 256 * 2**20
+        self.force_plan: str | None = None  # "whole" or "slabs" (tests); None: chosen from free GPU memory
         self.precision = precision or recipe.infer.precision
         self.bf16 = use_bf16(self.precision, device)
         if self.keep and "scipy.ndimage" not in sys.modules:
             # Importing scipy.ndimage takes about 0.4 s; let it happen while the image is read and segmented.
             threading.Thread(target=importlib.import_module, args=("scipy.ndimage",), daemon=True).start()
+
+    def _plan(self, input_values: int, input_voxels: int, model_voxels: int) -> str:
+        """``whole``: the input goes to the device at once and labels are assembled there (fastest); ``slabs``:
+        the input stays in host memory and goes to the device a slab at a time, labels are assembled in host
+        memory, so the device holds the model grid and one slab, whatever the input's size.
+
+        On CUDA, ``whole`` when the input, the labels and the model-grid arrays need less than half of the free
+        memory (``torch.cuda.mem_get_info``); on the CPU there is nothing to bound.
+        """
+        if self.force_plan is not None:
+            return self.force_plan
+        if self.device.type != "cuda":
+            return "whole"
+        n = self.recipe.num_classes
+        need = 4 * input_values + input_voxels + 4 * model_voxels * (2 + 3 * n) + 8 * 2**20 * n
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return "whole" if need < 0.5 * free else "slabs"
 
     def _orient(self, arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Reorient (flip and permute axes, no resampling) to the recipe's axis codes, as MONAI's Orientation does.
@@ -423,8 +466,13 @@ class FastEngine:
             pos[q_axis] = (arr.shape[q_axis] - 1 - u) if ornt[q_axis, 1] == -1 else u
         x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         x = x[None] if x.ndim == 3 else x.permute(3, 0, 1, 2)
-        raw_small = downsample(x.to(dev), pos).permute(0, *[1 + q for q in perm]).contiguous()
-        del x
+        self.plan = self._plan(x.numel(), int(np.prod(spatial)), int(np.prod(model_shape)))
+        if self.plan == "whole":
+            raw = downsample(x.to(dev), pos)
+        else:
+            raw = downsample_slabs(x, pos, dev, self.slab_bytes)
+        raw_small = raw.permute(0, *[1 + q for q in perm]).contiguous()
+        del x, raw
         fg: torch.Tensor | None
         if self.ct:
             img = self._intensity(raw_small)
@@ -467,10 +515,12 @@ class FastEngine:
         chunk = max(1, min(64, int(2**24 // max(1, n * spatial[0] * spatial[1]))))
         box: tuple[slice, ...] | None = None
         if probabilities:
-            full_probs = back_to_input(probs, scale, shift, spatial, chunk, want_probs=True).cpu().numpy()
+            host = torch.device("cpu")
+            full_probs = back_to_input(probs, scale, shift, spatial, chunk, True, host).numpy()
             labels_t = torch.from_numpy(full_probs.argmax(axis=0).astype(np.uint8))
         else:
-            labels_t, box = self._labels_on_input(probs, scale, shift, spatial)
+            home = torch.device("cpu") if self.plan == "slabs" else None
+            labels_t, box = self._labels_on_input(probs, scale, shift, spatial, home)
         out = self._unorient(labels_t.cpu().numpy(), ornt)
         if self.keep:  # in the input's layout (face connectivity does not see orientation)
             stored_box = None
@@ -489,7 +539,11 @@ class FastEngine:
 
     @staticmethod
     def _labels_on_input(
-        probs: torch.Tensor, scale: np.ndarray, shift: np.ndarray, spatial: tuple[int, ...]
+        probs: torch.Tensor,
+        scale: np.ndarray,
+        shift: np.ndarray,
+        spatial: tuple[int, ...],
+        out_device: torch.device | None = None,
     ) -> tuple[torch.Tensor, tuple[slice, ...]]:
         """Labels on the input grid, computed only inside the box that can hold foreground (returned too).
 
@@ -499,7 +553,8 @@ class FastEngine:
         margin, plus one for rounding) is resampled. The result equals resampling everything.
         """
         n = probs.shape[0]
-        labels = torch.zeros(tuple(spatial[::-1]), dtype=torch.uint8, device=probs.device).permute(2, 1, 0)
+        home = out_device or probs.device
+        labels = torch.zeros(tuple(spatial[::-1]), dtype=torch.uint8, device=home).permute(2, 1, 0)
         empty = (slice(0, 0),) * 3
         fg = (probs[1:] > probs[:1]).any(dim=0)
         if not bool(fg.any()):
@@ -517,7 +572,9 @@ class FastEngine:
             box.append(slice(v0, v1 + 1))
         sub = tuple(h - l for l, h in zip(lo, hi, strict=True))
         chunk = max(1, min(64, int(2**24 // max(1, n * sub[0] * sub[1]))))
-        labels[tuple(box)] = back_to_input(probs, scale, shift - np.asarray(lo, dtype=np.float64), sub, chunk)
+        labels[tuple(box)] = back_to_input(
+            probs, scale, shift - np.asarray(lo, dtype=np.float64), sub, chunk, out_device=home
+        )
         return labels, tuple(box)
 
 
