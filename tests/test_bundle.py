@@ -144,7 +144,10 @@ def test_monai_bundle_run_agrees_with_volseg_infer(trained_bundle: Path, tmp_pat
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=bundle)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    written, failures = run_inference([str(scans)], tmp_path / "volseg_out", bundle, "cpu", echo=lambda s: None)
+    # float32, as the bundle's chain computes (volseg's bf16 default is compared with float32 in test_fastpath.py).
+    written, failures = run_inference(
+        [str(scans)], tmp_path / "volseg_out", bundle, "cpu", echo=lambda s: None, precision="fp32"
+    )
     assert not failures and len(written) == 2
     for path in written:
         ours = nib.load(str(path))
