@@ -55,8 +55,10 @@ def test_model_grid_matches_monai_spacing(seed: int) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "spacing", "target"),
-    [((512, 512, 200), (0.7799999713897705, 0.7799999713897705, 2.5), (4.0, 4.0, 5.0)),
-     ((64, 80, 31), (1.5, 1.5, 1.5), (3.0, 3.0, 3.0))],  # fmt: skip
+    [
+        ((512, 512, 200), (0.7799999713897705, 0.7799999713897705, 2.5), (4.0, 4.0, 5.0)),
+        ((64, 80, 31), (1.5, 1.5, 1.5), (3.0, 3.0, 3.0)),
+    ],
 )
 def test_model_grid_rounds_half_voxel_extents_like_monai(shape, spacing, target) -> None:
     """Extents of exactly n + 0.5 output voxels: the shape must round the way MONAI's does."""
@@ -118,8 +120,19 @@ UNET_VARIANTS = [
     (3, {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}),
     (3, {"channels": [8, 16, 32, 64, 64], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch"}),
     (3, {"channels": [8, 16, 32], "strides": [[2, 2, 1], 2], "num_res_units": 0, "norm": "batch"}),
-    (3, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 2, "kernel_size": 5, "up_kernel_size": 3,
-         "dropout": 0.2, "bias": False, "adn_ordering": "AN"}),  # fmt: skip
+    (
+        3,
+        {
+            "channels": [8, 16, 32],
+            "strides": [2, 2],
+            "num_res_units": 2,
+            "kernel_size": 5,
+            "up_kernel_size": 3,
+            "dropout": 0.2,
+            "bias": False,
+            "adn_ordering": "AN",
+        },
+    ),
     (2, {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 0, "norm": "INSTANCE"}),
     (2, {"channels": [8, 16], "strides": [2, 2, 2], "num_res_units": 3, "norm": "batch"}),  # extra strides unused
 ]

@@ -153,7 +153,8 @@ def infer(
         typer.Option(
             "--set",
             help="change an inference setting of the bundle's recipe for this run (fast engine), e.g. "
-            "infer.overlap=0.5, infer.blend=constant, infer.postprocess.largest_component=[], data.crop_foreground=false",
+            "infer.overlap=0.5, infer.blend=constant, infer.postprocess.largest_component=[], "
+            "data.crop_foreground=false",
         ),
     ] = None,
 ) -> None:

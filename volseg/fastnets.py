@@ -133,7 +133,8 @@ class UNetInference(nn.Module):
             return _convolution(o, cin, cout, stride, kernel_size)
 
         def up(cin: int, cout: int, stride: Any, top: bool) -> nn.Module:
-            conv = _convolution(o, cin, cout, stride, up_kernel_size, transposed=True, conv_only=top and not num_res_units)
+            last = top and not num_res_units  # the top up-convolution is the output layer
+            conv = _convolution(o, cin, cout, stride, up_kernel_size, transposed=True, conv_only=last)
             if num_res_units > 0:
                 return nn.Sequential(conv, _Residual(o, cout, cout, 1, 1, last_conv_only=top))
             return conv

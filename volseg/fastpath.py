@@ -536,7 +536,6 @@ class FastEngine:
             full_probs[0] += np.clip(1.0 - full_probs.sum(axis=0), 0, 1)
         return out, full_probs
 
-
     @staticmethod
     def _labels_on_input(
         probs: torch.Tensor,
@@ -570,7 +569,7 @@ class FastEngine:
             lo.append(v0)
             hi.append(v1 + 1)
             box.append(slice(v0, v1 + 1))
-        sub = tuple(h - l for l, h in zip(lo, hi, strict=True))
+        sub = tuple(b - a for a, b in zip(lo, hi, strict=True))
         chunk = max(1, min(64, int(2**24 // max(1, n * sub[0] * sub[1]))))
         labels[tuple(box)] = back_to_input(
             probs, scale, shift - np.asarray(lo, dtype=np.float64), sub, chunk, out_device=home

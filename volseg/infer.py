@@ -127,7 +127,9 @@ class Predictor:
         _check_infer_overrides(overrides)
         has_recipe = (self.bundle_dir / "configs" / "volseg_recipe.yaml").is_file()
         if overrides and (engine != "fast" or not has_recipe):
-            raise UserError("--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set")
+            raise UserError(
+                "--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set"
+            )
         self.trust = trust
         # The configs are vetted when the MONAI chain is built (it evaluates them); the fast engine reads only the
         # recipe and the weights.

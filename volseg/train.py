@@ -454,9 +454,8 @@ def _run(
         )
         evaluator.add_event_handler(Events.COMPLETED, stopper)
 
-    leave_autocast: Callable[[], None] = lambda: None
-    if cpu_bf16_training(recipe, dev):
-        leave_autocast = attach_cpu_autocast(trainer, network)
+    leave_autocast = attach_cpu_autocast(trainer, network) if cpu_bf16_training(recipe, dev) else None
+    if leave_autocast is not None:
         echo("training steps in bfloat16 autocast on this CPU (train.amp: false for float32)")
 
     losses: list[float] = []
@@ -594,7 +593,8 @@ def _run(
     try:
         trainer.run()
     finally:
-        leave_autocast()  # also when an iteration was interrupted inside the autocast region
+        if leave_autocast is not None:
+            leave_autocast()  # also when an iteration was interrupted inside the autocast region
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if signals:
