@@ -441,6 +441,20 @@ def output_base(source: Path, out_dir: Path) -> Path:
     return out_dir / f"{case_id(source)}_seg"
 
 
+@dataclass(frozen=True)
+class InferJob:
+    """What to compute and write for every case of one ``volseg infer`` (passed whole to sharded workers)."""
+
+    formats: list[str] | None = None
+    series_uid: str | None = None
+    probabilities: bool = False
+    engine: str = "fast"
+    trust: bool = False
+    qc: bool = False
+    precision: str | None = None
+    overrides: list[str] | None = None
+
+
 def run_inference(
     inputs: list[str],
     out_dir: str | Path,
@@ -470,13 +484,11 @@ def run_inference(
     for f in formats or []:
         if f not in FORMATS:
             raise UserError(f"unknown format '{f}'; known: {', '.join(FORMATS)}", "--format")
+    job = InferJob(formats, series_uid, probabilities, engine, trust, qc, precision, overrides)
     bundle = Path(bundle_dir) if bundle_dir else find_latest_run()
     sources = expand_inputs(inputs)
     if nproc_per_node > 1:
-        return _spawn_inference(
-            sources, out_dir, bundle, device, nproc_per_node, formats, series_uid, probabilities, engine, trust,
-            precision, overrides,
-        )  # fmt: skip
+        return _spawn_inference(sources, out_dir, bundle, device, nproc_per_node, job)
     # Under torchrun (or a spawned worker), each rank segments its own share of the cases.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -484,42 +496,27 @@ def run_inference(
         if torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         echo(f"rank {rank}/{world}: {len(sources)} case(s)")
-    return _segment(
-        sources, Path(out_dir), bundle, device, echo, formats, series_uid, probabilities, engine, trust, qc, precision,
-        overrides,
-    )  # fmt: skip
+    return _segment(sources, Path(out_dir), bundle, device, echo, job)
 
 
 def _segment(
-    sources: list[Path],
-    out: Path,
-    bundle: Path,
-    device: str | None,
-    echo: Callable[[str], None],
-    formats: list[str] | None,
-    series_uid: str | None,
-    probabilities: bool,
-    engine: str = "fast",
-    trust: bool = False,
-    qc: bool = False,
-    precision: str | None = None,
-    overrides: list[str] | None = None,
+    sources: list[Path], out: Path, bundle: Path, device: str | None, echo: Callable[[str], None], job: InferJob
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment the given cases one after the other with one predictor."""
-    predictor = Predictor(bundle, device, engine, trust, precision, overrides)
+    predictor = Predictor(bundle, device, job.engine, job.trust, job.precision, job.overrides)
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
     for i, src in enumerate(sources, 1):
         try:
-            pred = predictor.predict(src, series_uid=series_uid, probabilities=probabilities)
-            paths = save_prediction(pred, output_base(src, out), formats, predictor.segments, predictor.algorithm)
+            pred = predictor.predict(src, series_uid=job.series_uid, probabilities=job.probabilities)
+            paths = save_prediction(pred, output_base(src, out), job.formats, predictor.segments, predictor.algorithm)
         except UserError as err:
             failures.append((src, str(err)))
             echo(f"[{i}/{len(sources)}] {src}: FAILED: {err.message}")
             continue
-        if qc:
-            paths.append(_write_qc(pred, output_base(src, out), predictor.segments, series_uid))
+        if job.qc:
+            paths.append(_write_qc(pred, output_base(src, out), predictor.segments, job.series_uid))
         written.append(paths[0])
         from volseg.data.writers import label_counts
 
@@ -559,18 +556,7 @@ def _write_qc(pred: Prediction, out_base: Path, segments: list[Any], series_uid:
 
 
 def _spawn_inference(
-    sources: list[Path],
-    out_dir: str | Path,
-    bundle: Path,
-    device: str | None,
-    nproc: int,
-    formats: list[str] | None,
-    series_uid: str | None,
-    probabilities: bool,
-    engine: str,
-    trust: bool,
-    precision: str | None = None,
-    overrides: list[str] | None = None,
+    sources: list[Path], out_dir: str | Path, bundle: Path, device: str | None, nproc: int, job: InferJob
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Shard the cases over ``nproc`` processes started by ignite.distributed; gather what each wrote."""
     import json
@@ -581,10 +567,7 @@ def _spawn_inference(
     backend = "nccl" if torch.cuda.is_available() and device not in ("cpu",) else "gloo"
     with tempfile.TemporaryDirectory(prefix="volseg-infer-") as reports:
         with idist.Parallel(backend=backend, nproc_per_node=nproc) as parallel:
-            parallel.run(
-                _infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, formats, series_uid,
-                probabilities, reports, engine, trust, precision, overrides,
-            )  # fmt: skip
+            parallel.run(_infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, job, reports)
         written: list[Path] = []
         failures: list[tuple[Path, str]] = []
         for report in sorted(Path(reports).glob("rank*.json")):
@@ -595,19 +578,7 @@ def _spawn_inference(
 
 
 def _infer_worker(
-    local_rank: int,
-    sources: list[str],
-    out_dir: str,
-    bundle: str,
-    device: str | None,
-    formats: list[str] | None,
-    series_uid: str | None,
-    probabilities: bool,
-    reports: str,
-    engine: str = "fast",
-    trust: bool = False,
-    precision: str | None = None,
-    overrides: list[str] | None = None,
+    local_rank: int, sources: list[str], out_dir: str, bundle: str, device: str | None, job: InferJob, reports: str
 ) -> None:
     import json
 
@@ -623,23 +594,7 @@ def _infer_worker(
         print(f"[rank {rank}] {line}", flush=True)
 
     written, failures = (
-        _segment(
-            [Path(p) for p in mine],
-            Path(out_dir),
-            Path(bundle),
-            device,
-            echo,
-            formats,
-            series_uid,
-            probabilities,
-            engine,
-            trust,
-            False,
-            precision,
-            overrides,
-        )
-        if mine
-        else ([], [])
+        _segment([Path(p) for p in mine], Path(out_dir), Path(bundle), device, echo, job) if mine else ([], [])
     )
     report = {"written": [str(p) for p in written], "failures": [(str(a), b) for a, b in failures]}
     (Path(reports) / f"rank{rank}.json").write_text(json.dumps(report))
