@@ -135,16 +135,19 @@ class Predictor:
         # recipe and the weights.
         check_bundle(self.bundle_dir, trust=trust, configs=False)
         self.device = resolve_device(device)
-        self.segments = _segments(self.bundle_dir)
+        recipe = None
+        if has_recipe:
+            from volseg.bundle import read_bundle_recipe
+
+            recipe = read_bundle_recipe(self.bundle_dir, overrides)
+        self.segments = _segments(self.bundle_dir, recipe)
         self.algorithm = _algorithm(self.bundle_dir)
         self.network: torch.nn.Module | None = None
         self._chain: dict[str, Any] | None = None
         self.fast = None
-        if engine == "fast" and has_recipe:
-            from volseg.bundle import read_bundle_recipe
+        if engine == "fast" and recipe is not None:
             from volseg.fastpath import FastEngine
 
-            recipe = read_bundle_recipe(self.bundle_dir, overrides)
             if overrides and recipe.model.spatial_dims != 3:
                 raise UserError("--set needs a 3D bundle (2D bundles run the MONAI chain)", "--set")
             if recipe.model.spatial_dims == 3:
@@ -333,12 +336,15 @@ def _check_infer_overrides(overrides: list[str] | None) -> None:
             )
 
 
-def _segments(bundle_dir: Path) -> list[Any]:
-    """Segment names, values, colours and codes: from the volseg recipe, else from the metadata's channel_def."""
+def _segments(bundle_dir: Path, recipe: Any = None) -> list[Any]:
+    """Segment names, values, colours and codes: from the volseg recipe (given, or the bundle's), else from the
+    metadata's channel_def."""
     import json
 
     from volseg.data.writers import SegmentInfo, segments_from_recipe
 
+    if recipe is not None:
+        return segments_from_recipe(recipe)
     if (bundle_dir / "configs" / "volseg_recipe.yaml").is_file():
         from volseg.bundle import read_bundle_recipe
 
