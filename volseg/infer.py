@@ -130,10 +130,11 @@ class Predictor:
             raise UserError(
                 "--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set"
             )
-        self.trust = trust
         # The configs are vetted when the MONAI chain is built (it evaluates them); the fast engine reads only the
-        # recipe and the weights.
-        check_bundle(self.bundle_dir, trust=trust, configs=False)
+        # recipe and the weights. When the chain is certain to be built, one check does both.
+        chain_certain = engine != "fast" or not has_recipe
+        check_bundle(self.bundle_dir, trust=trust, configs=chain_certain)
+        self._configs_vetted = trust or chain_certain
         self.device = resolve_device(device)
         recipe = None
         if has_recipe:
@@ -193,7 +194,9 @@ class Predictor:
 
         from volseg.trust import check_bundle
 
-        check_bundle(self.bundle_dir, trust=self.trust)
+        if not self._configs_vetted:
+            check_bundle(self.bundle_dir)
+            self._configs_vetted = True
         parser = ConfigParser()
         parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
         parser["bundle_root"] = str(self.bundle_dir)
