@@ -132,11 +132,23 @@ def test_infer_refuses_a_changed_bundle_unless_trusted(tmp_path: Path, trained_b
     cfg = bundle / "configs" / "inference.json"
     cfg.write_text(cfg.read_text().replace('"overlap": 0.25', '"overlap": 0.5'))
     scan = save_nifti(tmp_path / "scan.nii.gz", liver_ct_phantom(3, shape=(32, 32, 16)).image, np.diag([8, 8, 8, 1.0]))
-    _one_line_error(volseg("infer", str(scan), "--bundle", str(bundle), "-o", str(tmp_path / "o")), "--trust-bundle")
+    # The MONAI chain would evaluate the changed config: refused, nothing written.
+    chain = ("--engine", "monai", "-o", str(tmp_path / "o"))
+    _one_line_error(volseg("infer", str(scan), "--bundle", str(bundle), *chain), "inferer#overlap", "--trust-bundle")
     assert not (tmp_path / "o").exists()
-    proc = volseg("infer", str(scan), "--bundle", str(bundle), "-o", str(tmp_path / "o"), "--trust-bundle")
+    proc = volseg("infer", str(scan), "--bundle", str(bundle), *chain, "--trust-bundle")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "o" / "scan_seg.nii.gz").is_file()
+    # The fast engine evaluates no config: it segments, and warns that other tools would run the changed one.
+    proc = volseg("infer", str(scan), "--bundle", str(bundle), "-o", str(tmp_path / "f"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "inferer#overlap" in warnings[0] and "monai.bundle run" in warnings[0]
+    assert (tmp_path / "f" / "scan_seg.nii.gz").is_file()
+    # rewrite-bundle makes the configs volseg's again (the recipe says 0.25); then nothing is refused.
+    assert volseg("rewrite-bundle", str(bundle)).returncode == 0
+    proc = volseg("infer", str(scan), "--bundle", str(bundle), "--engine", "monai", "-o", str(tmp_path / "r"))
+    assert proc.returncode == 0 and "warning" not in proc.stdout, proc.stderr[-2000:]
 
 
 def test_check_data_and_training_refuses_bad_data(tmp_path: Path, tiny_recipe_path: Path) -> None:

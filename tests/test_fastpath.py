@@ -372,7 +372,6 @@ def test_fast_engine_agrees_with_the_bundle_chain_on_multichannel_mr(tmp_path) -
     from volseg.infer import Predictor
     from volseg.nets import build_network, network_config
     from volseg.recipe import recipe_from_dict
-    from volseg.trust import write_manifest
 
     recipe = recipe_from_dict(
         {
@@ -395,7 +394,6 @@ def test_fast_engine_agrees_with_the_bundle_chain_on_multichannel_mr(tmp_path) -
     net = build_network(network_config(m.name, 3, m.in_channels, recipe.num_classes, m.args, for_inference=True))
     (bundle / "models").mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
-    write_manifest(bundle)
 
     rng = np.random.default_rng(0)
     img = np.zeros((40, 36, 14, 2), np.float32)

@@ -18,7 +18,6 @@ The transform chains, network and inferer in these configs come from :mod:`volse
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -630,12 +629,51 @@ def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: s
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
+#: The files of a bundle that volseg generates from its recipe (relative POSIX paths), configs first.
+CONFIG_FILES = (
+    "configs/metadata.json",
+    "configs/inference.json",
+    "configs/train.json",
+    "configs/multi_gpu_train.json",
+    "configs/logging.conf",
+)
+SCRIPTS_SOURCE = Path(__file__).parent / "bundle_scripts"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=4) + "\n")
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=4) + "\n"
+
+
+def bundle_files(
+    recipe: Recipe,
+    *,
+    dataset_dir: str | None = None,
+    train_cases: list[dict[str, str]] | None = None,
+    val_cases: list[dict[str, str]] | None = None,
+    metrics: dict[str, float] | None = None,
+    data_note: str = "",
+) -> dict[str, str]:
+    """Every text file volseg writes into a bundle for ``recipe`` (relative path -> content), scripts/ included.
+
+    This is the one generator: :func:`write_bundle_configs` writes its result and :mod:`volseg.trust` compares a
+    bundle against it.
+    """
+    ddir = dataset_dir or "/workspace/data"
+    files = {
+        "configs/metadata.json": _json_text(metadata(recipe, metrics, data_note)),
+        "configs/inference.json": _json_text(inference_config(recipe)),
+        "configs/train.json": _json_text(train_config(recipe, ddir, train_cases, val_cases)),
+        "configs/multi_gpu_train.json": _json_text(multi_gpu_train_config(recipe)),
+        "configs/logging.conf": LOGGING_CONF,
+        RECIPE_FILE: dump_recipe(recipe),
+        "docs/README.md": bundle_readme(recipe, metrics, data_note),
+        "LICENSE": LICENSE_TEXT.format(authors=recipe.authors),
+    }
+    if needs_scripts(recipe):
+        # Every module, so that one `scripts` package imported in a process serves whichever bundle comes next.
+        for src in sorted(SCRIPTS_SOURCE.glob("*.py")):
+            files[f"scripts/{src.name}"] = src.read_text(encoding="utf-8")
+    return files
 
 
 def write_bundle_configs(
@@ -648,31 +686,26 @@ def write_bundle_configs(
     metrics: dict[str, float] | None = None,
     data_note: str = "",
 ) -> Path:
-    """Write everything of a bundle but the weights: configs, scripts/, docs, LICENSE."""
+    """Write everything of a bundle but the weights: configs, scripts/, docs, LICENSE (each file atomically)."""
     root = Path(bundle_dir)
-    ddir = dataset_dir or "/workspace/data"
-    _write_json(root / "configs" / "metadata.json", metadata(recipe, metrics, data_note))
-    _write_json(root / "configs" / "inference.json", inference_config(recipe))
-    _write_json(root / "configs" / "train.json", train_config(recipe, ddir, train_cases, val_cases))
-    _write_json(root / "configs" / "multi_gpu_train.json", multi_gpu_train_config(recipe))
-    _write_text(root / "configs" / "logging.conf", LOGGING_CONF)
-    _write_text(root / RECIPE_FILE, dump_recipe(recipe))
-    _write_text(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
-    _write_text(root / "LICENSE", LICENSE_TEXT.format(authors=recipe.authors))
-    if needs_scripts(recipe):
-        # Every module, so that one `scripts` package imported in a process serves whichever bundle comes next.
-        scripts = root / "scripts"
-        scripts.mkdir(parents=True, exist_ok=True)
-        for src in sorted((Path(__file__).parent / "bundle_scripts").glob("*.py")):
-            shutil.copyfile(src, scripts / src.name)
+    files = bundle_files(
+        recipe,
+        dataset_dir=dataset_dir,
+        train_cases=train_cases,
+        val_cases=val_cases,
+        metrics=metrics,
+        data_note=data_note,
+    )
+    for rel, text in files.items():
+        write_text_atomic(root / rel, text)
     return root
 
 
 def update_bundle_metrics(recipe: Recipe, bundle_dir: str | Path, metrics: dict[str, float], data_note: str) -> None:
     """Record a finished run's metrics and data in metadata.json and docs/README.md."""
     root = Path(bundle_dir)
-    _write_json(root / "configs" / "metadata.json", metadata(recipe, metrics, data_note))
-    _write_text(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
+    write_text_atomic(root / "configs" / "metadata.json", _json_text(metadata(recipe, metrics, data_note)))
+    write_text_atomic(root / "docs" / "README.md", bundle_readme(recipe, metrics, data_note))
 
 
 def export_recipe_bundles(configs_dir: str | Path, out_dir: str | Path) -> list[Path]:

@@ -138,7 +138,11 @@ def infer(
         str, typer.Option(help="fast (volseg's engine, default) or monai (the bundle's MONAI transform chain)")
     ] = "fast",
     trust_bundle: Annotated[
-        bool, typer.Option("--trust-bundle", help="run a bundle volseg did not write, or whose code it cannot vet")
+        bool,
+        typer.Option(
+            "--trust-bundle",
+            help="let the MONAI chain run configs that are not exactly what volseg writes for the bundle's recipe",
+        ),
     ] = False,
     qc: Annotated[bool, typer.Option("--qc", help="also write a PNG montage per case (<case>_seg_qc.png)")] = False,
     precision: Annotated[
@@ -284,6 +288,25 @@ def export_bundles(
 
     for path in export_recipe_bundles(configs, out):
         _echo(f"wrote {path}")
+
+
+@app.command("rewrite-bundle")
+def rewrite_bundle(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder (a volseg run)")],
+) -> None:
+    """Write a bundle's configs anew from its recipe (configs/volseg_recipe.yaml), keeping weights and run record.
+
+    For a bundle written by another volseg version, or whose configs were edited: afterwards they are exactly what
+    this volseg writes, and files it does not write under configs/ and scripts/ are removed.
+    """
+    from volseg.trust import bundle_problem
+    from volseg.trust import rewrite_bundle as rewrite
+
+    rewrite(bundle, echo=_echo)
+    problem = bundle_problem(bundle)
+    if problem:
+        raise UserError(problem, bundle)
+    _echo(f"rewrote the configs of {bundle} from its recipe")
 
 
 @app.command("check-recipe")

@@ -1,9 +1,11 @@
 """Inference with a bundle: sliding window, back to the input grid, labels written atomically.
 
-The :class:`Predictor` runs the bundle's own ``configs/inference.json`` components (preprocessing, network,
-inferer, postprocessing up to the writer), so ``volseg infer`` and ``python -m monai.bundle run`` compute the
-same thing. volseg then writes the labels itself on the input's exact grid: for NIfTI input the output takes the
-input's header and affine, so shape, affine and axis order are the input's.
+The :class:`Predictor` has two engines that compute the same segmentation. The fast engine
+(:mod:`volseg.fastpath`) builds the recipe's network itself and evaluates no bundle config; the MONAI chain builds
+the bundle's ``configs/inference.json`` components (preprocessing, network, inferer, postprocessing up to the
+writer), as ``python -m monai.bundle run`` does, after :func:`volseg.trust.check_bundle` has found them exactly
+volseg's for the bundle's recipe. volseg then writes the labels itself on the input's exact grid: for NIfTI input
+the output takes the input's header and affine, so shape, affine and axis order are the input's.
 """
 
 from __future__ import annotations
@@ -97,8 +99,8 @@ class Predictor:
         bundle_dir: a bundle with configs/inference.json and models/model.pt.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         engine: ``fast`` or ``monai``.
-        trust: run a bundle that volseg did not write (or that names code volseg cannot vet); see
-            :func:`volseg.trust.check_bundle`.
+        trust: let the MONAI chain evaluate configs that are not exactly what volseg writes for the bundle's
+            recipe (or a bundle without a recipe); see :func:`volseg.trust.check_bundle`.
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class Predictor:
         overrides: list[str] | None = None,
     ) -> None:
         from volseg.train import resolve_device
-        from volseg.trust import check_bundle
+        from volseg.trust import bundle_problem, check_bundle
 
         self.bundle_dir = Path(bundle_dir).resolve()
         cfg_file = self.bundle_dir / "configs" / "inference.json"
@@ -130,11 +132,22 @@ class Predictor:
             raise UserError(
                 "--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set"
             )
-        # The configs are vetted when the MONAI chain is built (it evaluates them); the fast engine reads only the
-        # recipe and the weights. When the chain is certain to be built, one check does both.
-        chain_certain = engine != "fast" or not has_recipe
-        check_bundle(self.bundle_dir, trust=trust, configs=chain_certain)
-        self._configs_vetted = trust or chain_certain
+        self.trust = trust
+        #: Lines for the user about the bundle as a whole (printed once by ``volseg infer``).
+        self.notes: list[str] = []
+        # The MONAI chain evaluates the bundle's configs: they must be exactly volseg's for the bundle's recipe
+        # (checked when the chain is built). The fast engine evaluates none of them: it reads the recipe through the
+        # schema and the weights with weights_only=True, and only warns that other tools would run the configs.
+        self._configs: dict[str, Any] | None = None
+        if engine != "fast" or not has_recipe:
+            self._configs = check_bundle(self.bundle_dir, trust=trust)
+        elif not trust:
+            problem = bundle_problem(self.bundle_dir)
+            if problem:
+                self.notes.append(
+                    f"warning: {self.bundle_dir}: {problem}; the fast engine reads only the recipe and the weights, "
+                    "but MONAI Label and `python -m monai.bundle run` would evaluate these configs"
+                )
         self.device = resolve_device(device)
         recipe = None
         if has_recipe:
@@ -152,10 +165,7 @@ class Predictor:
             if overrides and recipe.model.spatial_dims != 3:
                 raise UserError("--set needs a 3D bundle (2D bundles run the MONAI chain)", "--set")
             if recipe.model.spatial_dims == 3:
-                self.network = self._plain_network(recipe)
-                if self.network is None:
-                    self._build_chain()
-                assert self.network is not None
+                self.network = self._recipe_network(recipe)
                 self.fast = FastEngine(recipe, self.network, self.device, precision)
         if self.fast is None:
             self._build_chain()
@@ -168,37 +178,52 @@ class Predictor:
             state = state["model"]
         return state
 
-    def _plain_network(self, recipe: Any) -> torch.nn.Module | None:
-        """The bundle's network built without MONAI (:mod:`volseg.fastnets`), weights loaded; None if not covered."""
+    def _recipe_network(self, recipe: Any) -> torch.nn.Module:
+        """The recipe's network with the bundle's weights, built by volseg itself (no bundle config evaluated):
+        in plain PyTorch where :mod:`volseg.fastnets` covers it (no MONAI import), else from MONAI's class."""
         from volseg.fastnets import build_inference_network
-        from volseg.nets import network_config
+        from volseg.nets import build_network, network_config
 
         m = recipe.model
         cfg = network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args, for_inference=True)
+        state = self._weights()
         net = build_inference_network(cfg)
-        if net is None:
-            return None
+        if net is not None:
+            try:
+                net.load_state_dict(state, strict=True)
+                return net.to(self.device).eval()
+            except RuntimeError:
+                pass  # not the recipe's weights: MONAI's class reports it below, in its own terms
+        net = build_network(cfg)
         try:
-            net.load_state_dict(self._weights(), strict=True)
-        except RuntimeError:
-            return None  # the weights are not those of the recipe's network: let MONAI's build report it
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"models/model.pt does not fit the recipe's network ({first})", self.bundle_dir) from None
         return net.to(self.device).eval()
 
     def _build_chain(self) -> dict[str, Any]:
-        """The bundle's own MONAI chain (preprocessing, inferer, postprocessing) and, if not built yet, its network."""
+        """The bundle's MONAI chain (preprocessing, inferer, postprocessing) and, if not built yet, its network.
+
+        Without ``trust`` the chain is built from the configs as compared with volseg's own for the bundle's recipe
+        (:func:`volseg.trust.check_bundle`), not from a second read of the files.
+        """
         if self._chain is not None:
             return self._chain
+        import json
         import sys
 
         from monai.bundle import ConfigParser
 
         from volseg.trust import check_bundle
 
-        if not self._configs_vetted:
-            check_bundle(self.bundle_dir)
-            self._configs_vetted = True
+        if self._configs is None and not self.trust:
+            self._configs = check_bundle(self.bundle_dir)
         parser = ConfigParser()
-        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
+        if self._configs is not None:
+            parser.read_config(json.loads(json.dumps(self._configs["configs/inference.json"])))
+        else:
+            parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = f"$torch.device('{self.device}')"
         if (self.bundle_dir / "scripts").is_dir() and str(self.bundle_dir) not in sys.path:
@@ -516,6 +541,8 @@ def _segment(
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
+    for note in predictor.notes:
+        echo(note)
     for i, src in enumerate(sources, 1):
         try:
             pred = predictor.predict(src, series_uid=job.series_uid, probabilities=job.probabilities)

@@ -339,6 +339,15 @@ class Recipe(_Strict):
     infer: Infer = Infer()
 
     @model_validator(mode="after")
+    def _plain_data(self) -> Recipe:
+        # Recipe values are copied into the bundle's MONAI configs, where a string starting with "$" is evaluated,
+        # "@" is a reference, "%" a macro, and keys such as "_target_" or "_requires_" instantiate or run things.
+        problem = config_syntax_problem(self.model_dump(mode="json"), sep=".")
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _dims(self) -> Recipe:
         nd = self.model.spatial_dims
         for key, value in (
@@ -368,6 +377,39 @@ class Recipe(_Strict):
     @property
     def roi_size(self) -> tuple[int, ...]:
         return tuple(self.infer.roi_size or self.train.patch_size)
+
+
+CONFIG_SYNTAX = ("$", "@", "%")
+"""Prefixes that make a string in a MONAI config an expression, a reference or a macro."""
+
+
+def config_syntax_problem(value: Any, where: str = "", sep: str = "#") -> str | None:
+    """Where ``value`` holds MONAI config syntax (a path in MONAI's id notation ``a#b#0`` by default); None for
+    plain data.
+
+    Plain data: numbers, booleans, None, strings that do not start with ``$``, ``@`` or ``%``, and lists and
+    mappings of those whose keys are strings not starting with ``_`` (``_target_``, ``_requires_``, ``_mode_``, ...).
+    """
+    if isinstance(value, str):
+        return f"{where or 'value'}: {value[:40]!r} is MONAI config syntax" if value.startswith(CONFIG_SYNTAX) else None
+    if value is None or isinstance(value, (bool, int, float)):
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            problem = config_syntax_problem(item, f"{where}{sep}{i}" if where else str(i), sep)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            at = f"{where}{sep}{key}" if where else str(key)
+            if not isinstance(key, str) or key.startswith("_") or key.startswith(CONFIG_SYNTAX):
+                return f"{at}: key {key!r} is MONAI config syntax"
+            problem = config_syntax_problem(item, at, sep)
+            if problem:
+                return problem
+        return None
+    return f"{where or 'value'}: a {type(value).__name__} is not plain data"
 
 
 def _depth(model: Model) -> int:

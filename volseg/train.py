@@ -193,8 +193,6 @@ def prepare_run(
     """Check the run folder and the data, split the cases and write the bundle's configs."""
     check_run_dir(run_dir, resume)
     train_cases, val_cases, base = split_run_cases(recipe, data_root)
-    from volseg.trust import write_manifest
-
     write_bundle_configs(
         recipe,
         run_dir,
@@ -203,7 +201,6 @@ def prepare_run(
         val_cases=_relative_cases(val_cases, base),
         data_note=f"{len(train_cases)} training and {len(val_cases)} validation cases from `{base}`.",
     )
-    write_manifest(run_dir)
     return train_cases, val_cases, base
 
 
@@ -669,6 +666,3 @@ def finish_bundle(
         f"{result.epochs} epochs, best mean validation Dice {result.best_mean_dice:.4f} at epoch {result.best_epoch}."
     )
     update_bundle_metrics(recipe, run_dir, metrics, note)
-    from volseg.trust import write_manifest
-
-    write_manifest(run_dir)
