@@ -25,6 +25,7 @@ keeping its weights and run record. :func:`safe_torch_load` loads weights with `
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +65,35 @@ class _Mismatch(Exception):
 
 
 def _first_difference(expected: Any, actual: Any, where: str = "") -> str | None:
-    """The MONAI-style id (``a#b#0``) of the first place where two parsed JSON values differ; None if equal."""
-    here = where or "(top level)"
+    """Where and how two parsed JSON values first differ (the place in MONAI's id notation, ``a#b#0``); None if
+    they are equal."""
+    at = where or "the top level"
     if isinstance(expected, dict) and isinstance(actual, dict):
-        for key in expected:
+        # A component's _target_ first: a different component is named as such, not by its first argument.
+        keys = list(expected) + [k for k in actual if k not in expected]
+        if "_target_" in keys:
+            keys.insert(0, keys.pop(keys.index("_target_")))
+        for key in keys:
+            here = f"{where}#{key}" if where else key
             if key not in actual:
-                return f"{where}#{key}".lstrip("#") + " is missing"
-        for key in actual:
+                return f"at {here}: a key volseg writes is missing"
             if key not in expected:
-                return f"{where}#{key}".lstrip("#") + " is not written by volseg"
-            diff = _first_difference(expected[key], actual[key], f"{where}#{key}".lstrip("#"))
+                return f"at {here}: a key volseg does not write"
+            diff = _first_difference(expected[key], actual[key], here)
             if diff:
                 return diff
         return None
     if isinstance(expected, list) and isinstance(actual, list):
         for i, (e, a) in enumerate(zip(expected, actual, strict=False)):
-            diff = _first_difference(e, a, f"{where}#{i}".lstrip("#"))
+            diff = _first_difference(e, a, f"{where}#{i}" if where else str(i))
             if diff:
                 return diff
         if len(expected) != len(actual):
-            return f"{here} has {len(actual)} items, volseg writes {len(expected)}"
+            return f"at {at}: {len(actual)} items where volseg writes {len(expected)}"
         return None
     # bool is an int to Python and NaN is not equal to itself: both count as differences.
     if type(expected) is not type(actual) or expected != actual:
-        return f"{here} differs"
+        return f"at {at}: a value other than volseg's"
     return None
 
 
@@ -179,7 +185,7 @@ def _verified_configs(root: Path) -> dict[str, Any]:
                 want.pop(key, None)
         diff = _first_difference(want, actual)
         if diff:
-            raise _Mismatch(f"{rel}: {diff} from what volseg writes for the bundle's recipe")
+            raise _Mismatch(f"{rel} is not what volseg writes for the bundle's recipe, {diff}")
         parsed[rel] = actual
     for rel in sorted(r for r in expected if not r.endswith(".json") and r != RECIPE_FILE):
         try:
@@ -187,7 +193,7 @@ def _verified_configs(root: Path) -> dict[str, Any]:
         except OSError as exc:
             raise _Mismatch(f"{rel} cannot be read ({exc.__class__.__name__})") from None
         if not same:
-            raise _Mismatch(f"{rel} differs from what volseg writes")
+            raise _Mismatch(f"{rel} is not what volseg writes")
     for pyc in caches:
         try:
             pyc.unlink()
@@ -327,6 +333,12 @@ def safe_torch_load(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError("cannot load weights (file not found)", path) from None
+    except pickle.UnpicklingError:
+        raise UserError(
+            "cannot load weights: the file holds pickled Python objects, not only tensors (refused: unpickling runs "
+            "code)",
+            path,
+        ) from None
     except Exception as exc:  # noqa: BLE001 - every unreadable checkpoint is the user's file problem
         text = " ".join(str(exc).split())
         reason = exc.__class__.__name__ + (f": {text[:160]}" + ("..." if len(text) > 160 else "") if text else "")
