@@ -6,57 +6,30 @@ import json
 import os
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import yaml
+from helpers import (  # noqa: F401  (re-exported for `from tests.conftest import ...`)
+    REPO,
+    SCHEMA,
+    SCHEMA_MD5,
+    TINY_RECIPE,
+    save_nifti,
+    save_phantom,
+)
 
-from volseg.data.synth import Phantom, liver_ct_phantom
-
-REPO = Path(__file__).resolve().parent.parent
-SCHEMA = REPO.parent / "shared" / "bundle" / "meta_schema_20240725.json"
-SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+from volseg.data.synth import liver_ct_phantom
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
-TINY_RECIPE = {
-    "name": "tiny_liver",
-    "description": "test recipe",
-    "data": {
-        "labels": {"background": 0, "liver": {"value": 1, "color": [221, 130, 101]}, "tumour": 2},
-        "spacing": [8.0, 8.0, 8.0],
-        "intensity": {"a_min": -175, "a_max": 250},
-        "split": {"val_fraction": 0.25, "seed": 0},
-    },
-    "model": {"name": "unet", "args": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
-    "train": {
-        "patch_size": [16, 16, 16],
-        "batch_size": 2,
-        "samples_per_volume": 2,
-        "max_epochs": 4,
-        "val_interval": 1,
-        "num_workers": 0,
-        "optimizer": {"lr": 0.01},
-        "augment": {"flip": 0.0, "rotate": 0.0, "scale": 0.0, "noise": 0.0},
-    },
-    "infer": {"sw_batch_size": 2, "postprocess": {"largest_component": ["liver"]}},
-}
+# Fixtures that train a model: every test that needs one (directly or through another fixture) is slow.
+TRAINING_FIXTURES = {"trained_run"}
 
 
-def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-    return path
-
-
-def save_phantom(folder: Path, name: str, ph: Phantom) -> tuple[Path, Path]:
-    return (
-        save_nifti(folder / "imagesTr" / f"{name}.nii.gz", ph.image, ph.affine),
-        save_nifti(folder / "labelsTr" / f"{name}.nii.gz", ph.label, ph.affine),
-    )
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

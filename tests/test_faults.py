@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +27,12 @@ def _start(recipe: Path, data: Path, out: Path, epochs: int, *extra: str) -> sub
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll (every 20 ms) until ``path`` exists; fail if the process ends first or after ``timeout`` seconds."""
     t0 = time.monotonic()
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() - t0 < timeout, f"{path} never appeared"
-        time.sleep(0.2)
+        time.sleep(0.02)
 
 
 def _epochs_done(run: Path) -> int:
@@ -42,22 +42,24 @@ def _epochs_done(run: Path) -> int:
 
 def test_sigkill_then_resume(tiny_data: Path, tiny_recipe_path: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _start(tiny_recipe_path, tiny_data, run, 4)
-    _wait_for(run / "checkpoints" / "last.pt", proc)
-    time.sleep(1.0)  # somewhere in the middle of a later epoch, or of writing a checkpoint
+    proc = _start(tiny_recipe_path, tiny_data, run, 50)
+    _wait_for(run / "checkpoints" / "last.pt", proc)  # the first epoch's checkpoint is on disk: kill now
     proc.kill()
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed while training, not finished
     done = _epochs_done(run)  # the checkpoint on disk is complete and loadable
-    assert 1 <= done < 4
-    resumed = _start(tiny_recipe_path, tiny_data, run, 4, "--resume")
+    assert 1 <= done < 50  # one is written at the end of each epoch only (no signal handler ran)
+    assert not (run / "logs" / "result.json").exists()
+    total = done + 2  # resume for two more epochs
+    resumed = _start(tiny_recipe_path, tiny_data, run, total, "--resume")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"after epoch {done}" in out
     epochs = [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")]
-    assert epochs == [f"{e}/4" for e in range(done + 1, 5)]
-    assert _epochs_done(run) == 4
+    assert epochs == [f"{done + 1}/{total}", f"{total}/{total}"]
+    assert _epochs_done(run) == total
     result = json.loads((run / "logs" / "result.json").read_text())
-    assert result["epochs"] == 4 and len(result["losses"]) == 4
+    assert result["epochs"] == total and len(result["losses"]) == total
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

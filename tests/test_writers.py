@@ -1,14 +1,13 @@
 """Segmentation writers: every format read back by an independent reader and compared with what went in.
 
-NIfTI with nibabel, NRRD with pynrrd, .seg.nrrd with slicerio and pynrrd, DICOM SEG with highdicom and pydicom (and
-dciodvfy from dicom3tools when it is on PATH). Geometry is checked on RAS, LPS, oblique and anisotropic grids: the
-labels must come back on exactly the grid they were written on.
+NIfTI with nibabel, NRRD with pynrrd, .seg.nrrd with slicerio and pynrrd, DICOM SEG with highdicom, pydicom and
+dciodvfy from dicom3tools (skipped without it, a failure in CI). Geometry is checked on RAS, LPS, oblique and
+anisotropic grids: the labels must come back on exactly the grid they were written on.
 """
 
 from __future__ import annotations
 
 import gzip
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import TINY_RECIPE
+from helpers import TINY_RECIPE, require_tool
 
 from volseg.data.dicom import read_series
 from volseg.data.writers import (
@@ -376,18 +375,17 @@ def test_dicom_seg_read_back_with_highdicom(dicom_case: dict) -> None:
     assert "tiny_liver 1.2.3" in seg.ContentDescription and "tiny_liver 1.2.3" in seg.SeriesDescription
 
 
-def dciodvfy_errors(path: Path) -> list[str] | None:
-    """The "Error" lines dciodvfy (dicom3tools) prints for a file; None when dciodvfy is not installed."""
-    if shutil.which("dciodvfy") is None:
-        return None
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines dciodvfy (dicom3tools) prints for a file (skip without it; fail in CI)."""
+    exe = require_tool("dciodvfy", "dicom3tools")
+    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert output.strip(), f"dciodvfy printed nothing for {path} (exit status {run.returncode})"
+    return [line for line in output.splitlines() if line.startswith("Error")]
 
 
 def test_dicom_seg_validates(dicom_case: dict) -> None:
     errors = dciodvfy_errors(dicom_case["paths"][0])
-    if errors is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
     assert not errors, "\n".join(errors)
 
 
