@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, TINY_FLOORS, TINY_LABELS, assert_agreement, assert_labels_present, save_nifti
 
-from tests.conftest import REPO
 from volseg.fastpath import importance_map, model_grid, sliding_window
 
 
@@ -182,7 +182,6 @@ def test_networks_not_covered_fall_back(cfg: dict) -> None:
 
 def test_fast_inference_does_not_import_monai(trained_bundle, tmp_path) -> None:
     """Importing MONAI costs seconds; the fast engine's whole path (read, segment, write) must not need it."""
-    from tests.conftest import save_nifti
     from volseg.data.synth import liver_ct_phantom
 
     ph = liver_ct_phantom(3, shape=(48, 40, 20), axcodes="LPS")
@@ -270,7 +269,6 @@ def test_fp32_and_bf16_agree(trained_bundle, tmp_path) -> None:
     from volseg.data.synth import liver_ct_phantom
     from volseg.errors import UserError
     from volseg.infer import Predictor
-    from volseg.metrics import dice_per_label
 
     ph = liver_ct_phantom(5, shape=(56, 48, 24), axcodes="LPS")
     exact = Predictor(trained_bundle, "cpu", precision="fp32")
@@ -279,8 +277,7 @@ def test_fp32_and_bf16_agree(trained_bundle, tmp_path) -> None:
     a, _ = exact.fast.segment(ph.image.astype(np.float32), ph.affine)
     b, _ = half.fast.segment(ph.image.astype(np.float32), ph.affine)
     assert (a == b).mean() > 0.995
-    if (a == 1).sum() > 100:
-        assert dice_per_label(a, b, {"liver": 1})["liver"] > 0.98
+    assert_agreement(a, b, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.98)
     with pytest.raises(UserError, match="precision"):
         Predictor(trained_bundle, "cpu", precision="fp8")
 
@@ -300,6 +297,7 @@ def test_inference_overrides(trained_bundle) -> None:
     labels, _ = p.fast.segment(ph.image.astype(np.float32), ph.affine)
     plain, _ = Predictor(trained_bundle, "cpu").fast.segment(ph.image.astype(np.float32), ph.affine)
     assert labels.shape == ph.image.shape and (labels == plain).mean() > 0.9  # fragments kept, no crop
+    assert_agreement(labels, plain, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.9)
     for bad, why in [(["model.name=unet"], "cannot change at inference"), (["infer.roi_size=[8,8,8]"], "roi_size"),
                      (["infer.blend=box"], "blend")]:  # fmt: skip
         with pytest.raises(UserError, match=why):
@@ -312,15 +310,16 @@ def test_folder_inference_matches_single_cases(trained_bundle, tmp_path) -> None
     """A folder with a bad file among good ones: each good case as when segmented alone, the bad one reported."""
     import nibabel as nib
 
-    from tests.conftest import save_nifti
     from volseg.data.synth import liver_ct_phantom
     from volseg.infer import Predictor, run_inference
 
     folder = tmp_path / "in"
     folder.mkdir()
+    truths = []
     for k, axcodes in enumerate(["LPS", "RAS", "LAS"]):
         ph = liver_ct_phantom(20 + k, shape=(48, 40, 20), axcodes=axcodes)
         save_nifti(folder / f"case{k}.nii.gz", ph.image, ph.affine)
+        truths.append(ph.label)
     (folder / "case1b.nii.gz").write_bytes(b"not a nifti")  # sorts between case1 and case2
     lines: list[str] = []
     written, failures = run_inference([str(folder)], tmp_path / "out", trained_bundle, "cpu", echo=lines.append)
@@ -329,7 +328,9 @@ def test_folder_inference_matches_single_cases(trained_bundle, tmp_path) -> None
     one = Predictor(trained_bundle, "cpu")
     for k in range(3):
         alone = one.predict(folder / f"case{k}.nii.gz").labels
-        np.testing.assert_array_equal(np.asarray(nib.load(str(written[k])).dataobj), alone)
+        batch = np.asarray(nib.load(str(written[k])).dataobj)
+        assert_agreement(batch, alone, TINY_LABELS, truth=truths[k], floors=TINY_FLOORS, min_dice=1.0)
+        np.testing.assert_array_equal(batch, alone)
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -362,6 +363,7 @@ def test_slab_plan_gives_the_whole_plans_labels(trained_bundle) -> None:
     slabs, _ = eng.segment(ph.image.astype(np.float32), ph.affine)
     assert eng.plan == "slabs"
     assert (whole == slabs).mean() > 0.9999
+    assert_agreement(whole, slabs, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.999)
 
 
 def test_fast_engine_agrees_with_the_bundle_chain_on_multichannel_mr(tmp_path) -> None:
@@ -409,9 +411,13 @@ def test_fast_engine_agrees_with_the_bundle_chain_on_multichannel_mr(tmp_path) -
     a, b = fast.predict(src), chain.predict(src)
     assert a.labels.shape == b.labels.shape == img.shape[:3]
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
-    assert len(np.unique(b.labels)) > 1  # an untrained network still gives more than one class here
     head = img[..., 0] != 0
+    # No reference here: an untrained network (this seed) labels every class inside the head, in both engines
+    # (edema 4752 and tumour 444 voxels measured), and inside the head the two agree.
+    labels = {"edema": 1, "tumour": 2}
+    assert_labels_present(labels, a.labels[head], b.labels[head], min_voxels=100)
     assert (a.labels == b.labels)[head].mean() > 0.995
+    assert_agreement(np.where(head, a.labels, 0), np.where(head, b.labels, 0), labels, min_dice=0.99)
     # Outside the head the chain's inverse leaves every class at rounding level (about 1e-8) in a rim beyond the
     # crop, and its argmax labels that noise; the fast engine has exact zeros there: background.
     differ = a.labels != b.labels

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, TINY_FLOORS, TINY_LABELS, assert_agreement, save_nifti
 
-from tests.conftest import REPO, save_nifti
 from volseg.data import transforms as T
 from volseg.data.synth import liver_ct_phantom
 from volseg.infer import run_inference
@@ -91,6 +91,5 @@ def test_fast_engine_agrees_with_the_bundle_chain(grid: str, trained_bundle: Pat
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
     agree = (a.labels == b.labels).mean()
     assert agree > 0.995, agree
-    for name, d in dice_per_label(a.labels, b.labels, {"liver": 1, "tumour": 2}).items():
-        if (b.labels == {"liver": 1, "tumour": 2}[name]).sum() > 50:
-            assert d >= 0.98, (name, d)
+    # Both find the liver of the phantom before they are compared; tumour is compared where there is enough.
+    assert_agreement(a.labels, b.labels, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.98)

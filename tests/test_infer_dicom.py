@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dicom_factory as F
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import TINY_FLOORS, TINY_LABELS, TINY_RECIPE, assert_agreement, assert_real_overlap, save_nifti
 
-from tests import dicom_factory as F
-from tests.conftest import save_nifti
 from volseg.data.synth import liver_ct_phantom
 from volseg.errors import UserError
 from volseg.infer import run_inference
@@ -39,6 +39,8 @@ def test_dicom_folder_gives_nifti_and_dicom_seg_on_the_series_grid(trained_bundl
     assert nii.shape == ph.image.shape
     np.testing.assert_allclose(nii.affine, ph.affine, atol=1e-3)
     labels = np.asarray(nii.dataobj)
+    # The frames are compared with these labels below: they must hold the phantom's liver (and so a segment).
+    assert_real_overlap(labels, ph.label, {"liver": 1}, TINY_FLOORS)
     seg = hd.seg.segread(str(tmp_path / "out" / "study_seg.dcm"))
     assert seg.SegmentationType == "BINARY"
     assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"liver", "tumour"}
@@ -72,6 +74,7 @@ def test_formats_and_probabilities(trained_bundle: Path, tmp_path: Path) -> None
     labels = np.asarray(nib.load(str(out / "scan_seg.nii.gz")).dataobj)
     # Without postprocessing differences, the argmax of the probabilities is the label map almost everywhere.
     assert (p.argmax(-1) == labels).mean() > 0.98
+    assert_agreement(p.argmax(-1), labels, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.95)
     with pytest.raises(UserError, match="unknown format 'png'"):
         run_inference([str(src)], out, trained_bundle, "cpu", formats=["png"])
     written, failures = run_inference(
@@ -82,7 +85,6 @@ def test_formats_and_probabilities(trained_bundle: Path, tmp_path: Path) -> None
 
 def test_dicom_series_folder_in_a_training_datalist(tmp_path: Path) -> None:
     """A CSV datalist may name a DICOM series folder as the image: it loads on the label's grid."""
-    from tests.conftest import TINY_RECIPE
     from volseg.data import transforms as T
     from volseg.data.datalist import load_datalist
     from volseg.recipe import recipe_from_dict
