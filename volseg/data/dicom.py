@@ -66,6 +66,7 @@ __all__ = [
     "choose_series",
     "list_series",
     "read_series",
+    "series_from_datasets",
 ]
 
 #: Largest component difference between two ImageOrientationPatient vectors still taken as the same plane.
@@ -213,6 +214,29 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
         UserError: the folder does not exist, or a file that says it is DICOM cannot be parsed.
     """
     return _series_infos(_scan(folder))
+
+
+def series_from_datasets(datasets: Iterable[tuple[Dataset, str | Path]]) -> list[SeriesInfo]:
+    """What :func:`list_series` finds, for data sets already parsed (e.g. DICOMweb metadata, no pixel data).
+
+    The same grouping, localizer rules and order as for a folder, so a series is chosen the same way wherever
+    it comes from.
+
+    Args:
+        datasets: ``(data set, name)`` pairs; the name stands for the file in :attr:`SeriesInfo.files`.
+
+    Raises:
+        UserError: a malformed element in a data set (the message names it by its name).
+    """
+    groups: dict[str, list[_Header]] = {}
+    for ds, name in datasets:
+        try:
+            header = _header(ds, Path(name))
+        except _VALUE_ERRORS as exc:
+            raise UserError(f"malformed DICOM element ({_first_line(exc)})", name) from None
+        if header is not None:
+            groups.setdefault(header.series_uid, []).append(header)
+    return _series_infos(groups)
 
 
 def choose_series(series: list[SeriesInfo], uid: str | None = None) -> tuple[SeriesInfo, list[SeriesInfo]]:
