@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import REPO
+from helpers import REPO
+
 from volseg.bundle import export_recipe_bundles
 
 # Fields that record the installed package versions, which differ between environments.

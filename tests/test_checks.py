@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from helpers import TINY_RECIPE, save_nifti
 
-from tests.conftest import TINY_RECIPE, save_nifti
 from volseg.data.checks import check_data, run_check_data
 from volseg.errors import UserError
 from volseg.recipe import recipe_from_dict

@@ -11,8 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import REPO, save_nifti
 
-from tests.conftest import REPO, save_nifti
 from volseg.data.synth import liver_ct_phantom
 
 
@@ -120,7 +120,8 @@ def test_evaluate_command(tmp_path: Path) -> None:
     assert (tmp_path / "ev" / "metrics_per_case.csv").is_file() and (tmp_path / "ev" / "metrics_summary.csv").is_file()
     dice_line = next(line for line in proc.stdout.splitlines() if line.startswith("liver") and " dice " in line)
     assert abs(float(dice_line.split()[2]) - 0.9) < 1e-3  # one-voxel shift of a 10-voxel-wide box
-    _one_line_error(volseg("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")), "--labels")
+    found = volseg("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "-o", str(tmp_path / "ev2"))
+    assert found.returncode == 0 and "labels found in the files: label_1 " in found.stdout, found.stderr
 
 
 @pytest.mark.slow

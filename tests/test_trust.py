@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, TINY_RECIPE, save_nifti
 
-from tests.conftest import REPO, TINY_RECIPE, save_nifti
 from volseg.bundle import RECIPE_FILE, write_bundle_configs
 from volseg.errors import UserError
 from volseg.nets import create_network
