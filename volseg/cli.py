@@ -116,8 +116,13 @@ def _check_before_training(recipe: object, root: Path) -> None:
 
 @app.command()
 def infer(
-    inputs: Annotated[list[str], typer.Argument(help="image files, folders, globs or DICOM series folders")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")] = Path("predictions"),
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="image files, folders, globs, DICOM series folders, or dicomweb(s)://HOST:PORT/PATH"),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="output folder (default predictions; DICOMweb: none)")
+    ] = None,
     bundle: Annotated[Path | None, typer.Option(help="bundle folder (default: the latest run in runs/)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     format_: Annotated[
@@ -127,7 +132,16 @@ def infer(
             help="nifti, nrrd, seg.nrrd, dicom-seg (repeat for several; default nifti, plus dicom-seg for DICOM input)",
         ),
     ] = None,
-    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to segment in a DICOM folder")] = None,
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to segment in a DICOM folder or study")] = None,
+    study: Annotated[
+        str | None, typer.Option(help="StudyInstanceUID on the DICOMweb server (the SEG is stored back in it)")
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None, typer.Option("--ca-bundle", help="CA certificates (PEM) for a dicomwebs:// server")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="DICOMweb: seconds to wait for a connection; 30x that for an answer")
+    ] = 10.0,
     save_probabilities: Annotated[
         bool, typer.Option("--save-probabilities", help="also write class probabilities (NIfTI, 16-bit)")
     ] = False,
@@ -164,10 +178,23 @@ def infer(
 ) -> None:
     """Segment images with a trained bundle; outputs are on each input's exact grid."""
     _quiet_libraries()
+    from volseg.pacs import is_dicomweb_input, run_dicomweb_inference
+
+    if any(is_dicomweb_input(i, study) for i in inputs) or study is not None:
+        if len(inputs) != 1 or not is_dicomweb_input(inputs[0], study):
+            raise UserError("--study goes with one DICOMweb URL (dicomweb://HOST:PORT/PATH) as the input", "--study")
+        if save_probabilities or qc or nproc_per_node > 1:
+            raise UserError("--save-probabilities, --qc and --nproc-per-node are not for DICOMweb input", inputs[0])
+        run_dicomweb_inference(
+            inputs[0], study, series, bundle, output=output, formats=format_, device=device, engine=engine,
+            trust=trust_bundle, precision=precision, overrides=set_, ca_bundle=ca_bundle,
+            timeout=(timeout, 30 * timeout), echo=_echo,
+        )  # fmt: skip
+        return
     from volseg.infer import run_inference
 
     written, failures = run_inference(
-        inputs, output, bundle, device, echo=_echo, formats=format_, series_uid=series,
+        inputs, output or Path("predictions"), bundle, device, echo=_echo, formats=format_, series_uid=series,
         probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle, qc=qc,
         precision=precision, overrides=set_,
     )  # fmt: skip
@@ -334,6 +361,62 @@ def demo(
     from volseg.demo import run_demo
 
     run_demo(out, config, n_train, n_test, set_ or [], device, echo=_echo)
+
+
+@app.command("watch-orthanc")
+def watch_orthanc(
+    url: Annotated[str, typer.Argument(help="Orthanc's root, http(s)://HOST:PORT (DICOMweb under /dicom-web)")],
+    state: Annotated[Path, typer.Option(help="JSON state file: the last change processed and the series done")],
+    bundle: Annotated[Path | None, typer.Option(help="bundle folder (default: the latest run in runs/)")] = None,
+    modality: Annotated[
+        list[str] | None, typer.Option("--modality", help="modality to segment (repeat; default CT and MR)")
+    ] = None,
+    series_description: Annotated[
+        str | None, typer.Option("--series-description", help="regular expression the SeriesDescription must match")
+    ] = None,
+    poll: Annotated[float, typer.Option(min=0.1, help="seconds between looks at the change feed")] = 10.0,
+    once: Annotated[bool, typer.Option("--once", help="process the new changes once and exit")] = False,
+    from_now: Annotated[
+        bool, typer.Option("--from-now", help="with a new state file: ignore the series already on the server")
+    ] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="also keep local outputs here")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    ca_bundle: Annotated[Path | None, typer.Option("--ca-bundle", help="CA certificates (PEM) for https")] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="seconds to wait for a connection; 30x that for an answer")
+    ] = 10.0,
+) -> None:
+    """Segment the new series of an Orthanc (its /changes feed) and store each DICOM SEG back.
+
+    Credentials come from VOLSEG_DICOMWEB_USER and VOLSEG_DICOMWEB_PASSWORD, or VOLSEG_DICOMWEB_TOKEN.
+    """
+    import signal
+
+    _quiet_libraries()
+    from volseg.infer import Predictor, find_latest_run
+    from volseg.pacs import OrthancWatcher, WatchRules
+
+    rules = WatchRules(tuple(modality) if modality else ("CT", "MR"), series_description)
+    predictor = Predictor(bundle or find_latest_run(), device)
+    watcher = OrthancWatcher(
+        url, predictor, state, rules=rules, poll_interval=poll, output=output, from_now=from_now,
+        ca_bundle=ca_bundle, timeout=(timeout, 30 * timeout), echo=_echo,
+    )  # fmt: skip
+    _echo(f"watching {watcher.url} (state {state}; bundle {predictor.bundle_dir}, device {predictor.device})")
+    if once:
+        results = watcher.run_once()
+        done = sum(r.outcome == "done" for r in results)
+        failed = sum(r.outcome == "failed" for r in results)
+        _echo(f"{done} series segmented, {failed} failed, {len(results) - done - failed} skipped")
+        if failed:
+            raise typer.Exit(2)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    try:
+        watcher.run_forever()
+    except KeyboardInterrupt:
+        watcher.stop()
+    _echo("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
