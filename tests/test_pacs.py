@@ -302,7 +302,11 @@ def test_watcher_server_failures(orthanc: OrthancServer, tmp_path: Path) -> None
     with pytest.raises(DicomWebError, match="server unreachable"):
         dead.run_once()
     assert not state.exists() or '"last_change": 0' in state.read_text()
+    # A state file is for one server.
+    with pytest.raises(UserError, match="this watch state is for"):
+        OrthancWatcher(orthanc.url, NoModel(), state)  # type: ignore[arg-type]
     # Without credentials: the HTTP status, and nothing recorded.
+    state = tmp_path / "state-2.json"
     no_auth = OrthancWatcher(orthanc.url, NoModel(), state, retries=0)  # type: ignore[arg-type]
     no_auth.server.session.auth = None
     with pytest.raises(DicomWebError, match="HTTP 401"):
