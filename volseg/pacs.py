@@ -209,7 +209,7 @@ class RoundTrip:
     label_counts: list[int] = field(default_factory=list)
 
     def timing(self) -> str:
-        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
 
 
 class DicomWebServer:
