@@ -439,3 +439,60 @@ def test_pair_files(nifti_pairs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no NIfTI"):
         pair_files(tmp_path / "empty", gt_dir)
+
+
+# --- per-lesion detection -------------------------------------------------------------------------------------------
+
+
+def _place_ball(label_map: np.ndarray, spacing: tuple[float, ...], centre: tuple[int, ...], radius_mm: float, value):
+    grids = np.meshgrid(
+        *[(np.arange(n) - c) * s for n, c, s in zip(label_map.shape, centre, spacing, strict=True)], indexing="ij"
+    )
+    label_map[sum(g * g for g in grids) <= radius_mm**2] = value
+
+
+def test_lesion_detection_counts_hits_by_size_and_false_positives():
+    spacing = (1.0, 1.0, 2.0)
+    truth = np.zeros((80, 80, 40), np.uint8)
+    truth[5:75, 5:75, 3:37] = 1  # the organ around the lesions
+    _place_ball(truth, spacing, (20, 20, 10), 3.0, 2)  # ~6 mm: found by one voxel
+    _place_ball(truth, spacing, (60, 20, 10), 3.0, 2)  # ~6 mm: missed
+    _place_ball(truth, spacing, (40, 55, 25), 9.0, 2)  # ~18 mm: found
+    pred = (truth > 0).astype(np.uint8)  # the organ, no lesion ...
+    pred[20, 20, 10] = 2  # ... except one voxel of the first small lesion
+    pred[35:45, 50:60, 22:28] = np.where(truth[35:45, 50:60, 22:28] == 2, 2, 1)
+    pred[70, 70, 5] = 2  # a false positive away from every lesion
+
+    out = metrics.lesion_detection(pred, truth, 2, spacing, sizes_mm=(10,))
+    assert (out["present"], out["found"], out["false_positives"]) == (3, 2, 1)
+    assert out["recall"] == pytest.approx(2 / 3)
+    assert out["by_size"] == {
+        "<10 mm": {"present": 2, "found": 1, "recall": 0.5},
+        ">=10 mm": {"present": 1, "found": 1, "recall": 1.0},
+    }
+    diameters = sorted(lesion["diameter_mm"] for lesion in out["lesions"])
+    assert diameters[0] == pytest.approx(6.0, rel=0.15) and diameters[2] == pytest.approx(18.0, rel=0.1)
+    # The spacing matters: the same voxels at half the voxel size are half as wide, all three under 10 mm.
+    small = metrics.lesion_detection(pred, truth, 2, (0.5, 0.5, 1.0), sizes_mm=(10, 20))
+    assert [b["present"] for b in small["by_size"].values()] == [3, 0, 0]
+    assert list(small["by_size"]) == ["<10 mm", "10-20 mm", ">=20 mm"]
+    assert math.isnan(small["by_size"]["10-20 mm"]["recall"])
+
+
+def test_lesion_detection_empty_cases_and_connectivity():
+    truth = np.zeros((12, 12), np.uint8)
+    out = metrics.lesion_detection(truth, truth, 2, 1.0, sizes_mm=())
+    assert (out["present"], out["found"], out["false_positives"]) == (0, 0, 0)
+    assert math.isnan(out["recall"]) and list(out["by_size"]) == ["all"]
+    truth[2, 2] = truth[3, 3] = 2  # diagonal neighbours: one lesion by default, two with face connectivity
+    pred = np.zeros_like(truth)
+    pred[2, 2] = 2
+    assert metrics.lesion_detection(pred, truth, 2, 1.0)["present"] == 1
+    faces = metrics.lesion_detection(pred, truth, 2, 1.0, connectivity=1)
+    assert (faces["present"], faces["found"]) == (2, 1)
+    # The disc of the same area: one pixel of 1 mm^2 -> sqrt(4 / pi) mm.
+    assert faces["lesions"][0]["diameter_mm"] == pytest.approx(math.sqrt(4 / math.pi))
+    with pytest.raises(ValueError, match="sizes_mm"):
+        metrics.lesion_detection(pred, truth, 2, 1.0, sizes_mm=(20, 10))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.lesion_detection(pred[:5], truth, 2, 1.0)

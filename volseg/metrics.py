@@ -477,3 +477,112 @@ def merged_pairs(pred_instances: np.ndarray, gt_instances: np.ndarray, min_cover
     covered = inter >= min_cover * r_area[None, :]
     per_pred = covered.sum(axis=1)
     return int(np.clip(per_pred - 1, 0, None).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-lesion detection
+#
+# * ``lesion_detection``: the reference lesions are the connected components of ``truth == label`` (26 neighbours
+#   in 3D, 8 in 2D, unless ``connectivity`` says otherwise). A lesion is found when at least one voxel of it is
+#   predicted as ``label``; this is the lenient "any overlap" hit rule of LiTS-style per-lesion sensitivity, which
+#   does not ask how well the lesion's extent is traced (Dice does that). Its size is the equivalent diameter, the
+#   diameter of the ball (disc in 2D) of the same volume (area) in millimetres, from the voxel spacing. Predicted
+#   components of ``label`` that touch no reference lesion are counted as false positives.
+
+
+def _equivalent_diameter(voxels: np.ndarray, voxel_size: float, ndim: int) -> np.ndarray:
+    """Diameter (mm) of the ball (3D) or disc (2D) whose volume (area) is ``voxels`` voxels of ``voxel_size``."""
+    amount = np.asarray(voxels, dtype=np.float64) * voxel_size
+    if ndim == 2:
+        return np.sqrt(4.0 * amount / math.pi)
+    return np.cbrt(6.0 * amount / math.pi)
+
+
+def _size_bin_names(edges: Sequence[float]) -> list[str]:
+    def fmt(v: float) -> str:
+        return f"{v:g}"
+
+    if not edges:
+        return ["all"]
+    names = [f"<{fmt(edges[0])} mm"]
+    names += [f"{fmt(lo)}-{fmt(hi)} mm" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    names.append(f">={fmt(edges[-1])} mm")
+    return names
+
+
+def lesion_detection(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    label: int,
+    spacing: float | Sequence[float] | np.ndarray,
+    sizes_mm: Sequence[float] = (10,),
+    *,
+    connectivity: int | None = None,
+) -> dict[str, object]:
+    """Per-lesion detection: how many reference lesions of ``label`` the prediction touches, overall and by size.
+
+    Args:
+        pred: predicted label map (2D or 3D).
+        truth: reference label map of the same shape.
+        label: the label value whose connected components are the lesions (e.g. 2 for a tumour).
+        spacing: voxel size in mm per array axis (one number for isotropic voxels).
+        sizes_mm: increasing equivalent-diameter edges of the size bins; ``(10,)`` gives ``"<10 mm"`` and
+            ``">=10 mm"``, ``(10, 20)`` adds ``"10-20 mm"``; ``()`` gives one bin, ``"all"``.
+        connectivity: neighbourhood of the components, 1 (faces) to ``ndim`` (every neighbour, the default).
+
+    Returns:
+        ``{"present", "found", "recall", "false_positives", "by_size", "lesions"}``: counts as ints; ``recall`` is
+        found / present, nan when no lesion is present (pool ``found`` and ``present`` over cases to summarise);
+        ``by_size`` maps each bin name to ``{"present", "found", "recall"}``; ``lesions`` lists each reference lesion
+        as ``{"diameter_mm", "voxels", "found", "bin"}`` in scan order of the components.
+
+    Raises:
+        ValueError: shapes differ, a bad spacing, size edges not increasing and positive, or a bad connectivity.
+    """
+    p, t = np.asarray(pred), np.asarray(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {t.shape}")
+    if p.ndim not in (2, 3):
+        raise ValueError(f"label maps must be 2D or 3D, got {p.ndim}D")
+    sp = _spacing(spacing, p.ndim)
+    edges = [float(v) for v in sizes_mm]
+    increasing = all(b > a for a, b in zip(edges[:-1], edges[1:], strict=True))
+    if any(not math.isfinite(v) or v <= 0 for v in edges) or not increasing:
+        raise ValueError(f"sizes_mm must be positive, finite and increasing, got {list(sizes_mm)}")
+    conn = p.ndim if connectivity is None else int(connectivity)
+    if not 1 <= conn <= p.ndim:
+        raise ValueError(f"connectivity must be 1..{p.ndim} for a {p.ndim}D map, got {connectivity}")
+    structure = ndimage.generate_binary_structure(p.ndim, conn)
+
+    hit_pred = p == label
+    components, n = ndimage.label(t == label, structure=structure)
+    voxels = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    touched = np.bincount(components[hit_pred].ravel(), minlength=n + 1)[1:] > 0
+    diameters = _equivalent_diameter(voxels, float(np.prod(sp)), p.ndim)
+    bins = np.searchsorted(np.asarray(edges), diameters, side="right") if n else np.zeros(0, dtype=int)
+    names = _size_bin_names(edges)
+
+    pred_components, n_pred = ndimage.label(hit_pred, structure=structure)
+    on_lesion = np.unique(pred_components[(components > 0) & (pred_components > 0)])
+    false_positives = n_pred - int(on_lesion.size)
+
+    def rate(found: int, present: int) -> float:
+        return found / present if present else math.nan
+
+    by_size: dict[str, dict[str, object]] = {}
+    for k, name in enumerate(names):
+        in_bin = bins == k
+        present, found = int(in_bin.sum()), int((touched & in_bin).sum())
+        by_size[name] = {"present": present, "found": found, "recall": rate(found, present)}
+    present, found = int(n), int(touched.sum())
+    return {
+        "present": present,
+        "found": found,
+        "recall": rate(found, present),
+        "false_positives": int(false_positives),
+        "by_size": by_size,
+        "lesions": [
+            {"diameter_mm": float(d), "voxels": int(v), "found": bool(f), "bin": names[int(b)]}
+            for d, v, f, b in zip(diameters, voxels, touched, bins, strict=True)
+        ],
+    }
