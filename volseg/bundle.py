@@ -18,6 +18,7 @@ The transform chains, network and inferer in these configs come from :mod:`volse
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -465,21 +466,16 @@ def multi_gpu_train_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+#: The packages whose versions a run records in logs/run_info.json.
+RUN_INFO_PACKAGES = ("monai", "torch", "numpy", "pytorch-ignite", "nibabel", "SimpleITK", "itk", "pydicom", "pyyaml")
+
+
+def _versions(packages: tuple[str, ...] | list[str] | None = None) -> dict[str, str]:
+    """Installed versions of ``packages`` (default :data:`RUN_INFO_PACKAGES`); those not installed are left out."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in (
-        "monai",
-        "torch",
-        "numpy",
-        "pytorch-ignite",
-        "nibabel",
-        "SimpleITK",
-        "itk",
-        "pydicom",
-        "pyyaml",
-    ):
+    for pkg in RUN_INFO_PACKAGES if packages is None else packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -487,13 +483,156 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------
+# What a bundle needs besides MONAI: metadata's required_packages_version
+#
+# MONAI itself requires only torch and numpy. Everything else it imports with optional_import, which fails only when
+# a component that needs the package is built or called: a missing package shows up mid-run (MONAI Label answers
+# POST /train/ with 500 "TensorBoardHandler requires tensorboard"). So the list is derived from what the generated
+# configs name, with the tables below; tests/test_bundle_zoo.py runs every recipe's bundle where nothing but MONAI,
+# torch, numpy and the listed packages can be imported.
+
+#: PyPI distributions a config component needs, by its ``_target_`` (MONAI's short name as the configs write it, or
+#: a dotted path) or by a component name given as a string argument (``reader: "PILReader"``). Components that are
+#: not listed need only MONAI, torch and numpy.
+COMPONENT_PACKAGES: dict[str, tuple[str, ...]] = {
+    # monai.engines and monai.handlers are Ignite engines and handlers.
+    "SupervisedTrainer": ("pytorch-ignite",),
+    "SupervisedEvaluator": ("pytorch-ignite",),
+    "StatsHandler": ("pytorch-ignite",),
+    "CheckpointLoader": ("pytorch-ignite",),
+    "CheckpointSaver": ("pytorch-ignite",),
+    "ValidationHandler": ("pytorch-ignite",),
+    "LrScheduleHandler": ("pytorch-ignite",),
+    "EarlyStopHandler": ("pytorch-ignite",),
+    "MeanDice": ("pytorch-ignite",),
+    "MeanIoUHandler": ("pytorch-ignite",),
+    # torch.utils.tensorboard.SummaryWriter, created when the handler is built.
+    "TensorBoardStatsHandler": ("pytorch-ignite", "tensorboard"),
+    # skimage.measure.label (cucim on CUDA when installed, else scikit-image).
+    "KeepLargestConnectedComponentd": ("scikit-image",),
+    "PILReader": ("pillow",),
+    "PILWriter": ("pillow",),
+    "NibabelReader": ("nibabel",),
+    "NibabelWriter": ("nibabel",),
+    # The bundle's own scripts/ (volseg/bundle_scripts/): the weight map's distance transforms.
+    "scripts.weightmap.UNetWeightMapd": ("scipy",),
+}
+
+#: Distributions of the top-level modules that ``$import``/``$from ... import`` expressions name (others: the standard
+#: library, torch, numpy, monai, the bundle's scripts/).
+IMPORT_PACKAGES: dict[str, tuple[str, ...]] = {"ignite": ("pytorch-ignite",)}
+
+#: The reader MONAI's LoadImaged picks by file suffix (and SaveImaged's writer), and the distribution it needs.
+SUFFIX_PACKAGES: dict[str, tuple[str, ...]] = {
+    ".nii": ("nibabel",),
+    ".nii.gz": ("nibabel",),
+    ".png": ("pillow",),
+    ".tif": ("pillow",),
+    ".tiff": ("pillow",),
+    ".jpg": ("pillow",),
+    ".jpeg": ("pillow",),
+}
+
+#: `python -m monai.bundle run ...`, the command in every bundle's docs/README.md, is a python-fire CLI.
+ENTRY_POINT_PACKAGES = ("fire",)
+
+_SUFFIX_RE = re.compile(r"\.(?:nii(?:\.gz)?|png|tiff?|jpe?g)\b")
+_IMPORT_RE = re.compile(r"^\$\s*(?:import|from)\s+([A-Za-z_]\w*)")
+
+
+def _config_strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _config_strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _config_strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def _image_suffixes(inference: dict[str, Any]) -> set[str]:
+    """File suffixes the bundle reads (its inference datalist) and writes (SaveImaged's ``output_ext``)."""
+    suffixes = set(_SUFFIX_RE.findall(inference["datalist"]))
+    for step in inference["postprocessing"]["transforms"]:
+        if step.get("_target_") == "SaveImaged":
+            suffixes.add(step.get("output_ext", ".nii.gz"))  # MONAI's default
+    return suffixes
+
+
+def required_packages(recipe: Recipe) -> list[str]:
+    """The PyPI distributions the bundle of ``recipe`` needs besides monai, torch and numpy, sorted.
+
+    Derived from the configs volseg writes (inference.json, train.json, multi_gpu_train.json): the packages of every
+    component they name (:data:`COMPONENT_PACKAGES`), of every module they import (:data:`IMPORT_PACKAGES`), of the
+    readers and writers of the image files the bundle reads and writes (:data:`SUFFIX_PACKAGES`; training reads the
+    same kind of files as inference), and of the ``monai.bundle`` command line (:data:`ENTRY_POINT_PACKAGES`).
+    Files read by training come from MONAI Label's or the user's data list and are taken to be of the same kinds.
+    """
+    inference = inference_config(recipe)
+    configs = [inference, train_config(recipe), multi_gpu_train_config(recipe)]
+    needed = set(ENTRY_POINT_PACKAGES)
+    for text in (s for cfg in configs for s in _config_strings(cfg)):
+        needed.update(COMPONENT_PACKAGES.get(text, ()))
+        match = _IMPORT_RE.match(text)
+        if match:
+            needed.update(IMPORT_PACKAGES.get(match.group(1), ()))
+    for suffix in _image_suffixes(inference):
+        needed.update(SUFFIX_PACKAGES.get(suffix, ()))
+    return sorted(needed, key=str.lower)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metadata.json
+
+
+def downsampling(recipe: Recipe) -> list[int]:
+    """How many times the recipe's network shrinks each spatial axis down to its deepest level.
+
+    The product of the strides per axis (an entry of ``strides`` is one stride for every axis or one per axis), for
+    networks that take ``strides``; ``2**depth`` per axis for the others (BasicUNet and UNet++ pool by 2 four times).
+    """
+    m = recipe.model
+    cfg = network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args)
+    strides = cfg.get("strides")
+    if strides is None:
+        return [2 ** NETWORKS[m.name].depth(m.args)] * m.spatial_dims
+    if "channels" in cfg:  # UNet and AttentionUnet use one stride per level below the first
+        strides = list(strides)[: len(cfg["channels"]) - 1]
+    factors = [1] * m.spatial_dims
+    for s in strides:
+        per_axis = [s] * m.spatial_dims if isinstance(s, int) else list(s)
+        factors = [f * int(k) for f, k in zip(factors, per_axis, strict=False)]
+    return factors
+
+
+def spatial_shape(recipe: Recipe) -> list[str]:
+    """metadata's ``spatial_shape``: each axis a multiple of twice the network's downsampling along it.
+
+    The smallest input (n=1 in MONAI's ``"16*n"`` notation, which ``verify_net_in_out`` uses by default) leaves the
+    deepest level 2 voxels along every axis. One voxel (``downsampling*n``) is not enough: instance norm needs more
+    than one spatial element, and batch norm in training more than one value per channel at batch size 1. Sizes are
+    multiples of the downsampling so that the decoder's upsampled features match the skip connections.
+    """
+    return [f"{2 * f}*n" for f in downsampling(recipe)]
+
+
+def input_channel_def(recipe: Recipe) -> dict[str, str]:
+    """metadata's input ``channel_def``: ``image`` for one channel, ``channel_0`` ... for several.
+
+    The recipe does not name its input channels, so several channels are numbered in the order they are stored.
+    """
+    n = recipe.model.in_channels
+    return {"0": "image"} if n == 1 else {str(i): f"channel_{i}" for i in range(n)}
+
+
 def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_source: str = "") -> dict[str, Any]:
     """configs/metadata.json, valid against MONAI's 2024-07-25 bundle metadata schema."""
-    v = _versions()
+    v = _versions(("monai", "torch", "numpy"))
+    required = required_packages(recipe)
+    installed = _versions(required)
     names = recipe.data.label_names
     nd = recipe.model.spatial_dims
-    depth = NETWORKS[recipe.model.name].depth(recipe.model.args)
-    shape = [f"{2**depth}*n"] * nd
+    shape = spatial_shape(recipe)
+    channels = input_channel_def(recipe)
     ct = isinstance(recipe.data.intensity, CTIntensity)
     fmt = "hounsfield" if ct else "magnitude"
     window = _intensity_text(recipe)
@@ -505,7 +644,8 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
         "monai_version": v.get("monai", ""),
         "pytorch_version": v.get("torch", "").split("+")[0],
         "numpy_version": v.get("numpy", ""),
-        "required_packages_version": {k: v[k] for k in ("nibabel", "pytorch-ignite", "pyyaml") if k in v},
+        # A package that is not installed here is still named (with no version): the bundle needs it all the same.
+        "required_packages_version": {k: installed.get(k, "") for k in required},
         "supported_apps": {"volseg": __version__},
         "name": recipe.name,
         "task": recipe.description or f"{recipe.name} segmentation",
@@ -517,7 +657,11 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
         "copyright": f"Copyright (c) {recipe.authors}",
         "data_source": data_source or "see docs/README.md",
         "data_type": "pil" if nd == 2 else "nibabel",
-        "image_classes": f"single channel {recipe.data.modality} image, {window}",
+        "image_classes": (
+            f"single channel {recipe.data.modality} image, {window}"
+            if len(channels) == 1
+            else f"{len(channels)}-channel {recipe.data.modality} image ({', '.join(channels.values())}), {window}"
+        ),
         "label_classes": "; ".join(f"{i}: {n}" for i, n in enumerate(names)),
         "pred_classes": "; ".join(f"{i}: {n}" for i, n in enumerate(names)),
         "eval_metrics": dict(metrics or {}),
@@ -537,7 +681,7 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
                     "dtype": "float32",
                     "value_range": [0, 1] if ct or isinstance(recipe.data.intensity, PercentileIntensity) else [-5, 5],
                     "is_patch_data": True,
-                    "channel_def": {"0": "image"},
+                    "channel_def": channels,
                 }
             },
             "outputs": {
