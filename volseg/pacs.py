@@ -69,6 +69,8 @@ DEFAULT_RETRIES = 3
 RETRY_STATUSES = (429, 502, 503, 504)
 #: Back-off between retries: 0.5 s, 1 s, 2 s, ...
 BACKOFF_SECONDS = 0.5
+#: Bytes per read when streaming a series in (one instance at a time is held in memory, not the whole series).
+STREAM_CHUNK = 1 << 20
 #: Modalities of objects that hold no image volume: described from QIDO without fetching their metadata.
 NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "DOC", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "OT"})
 #: The Manufacturer volseg writes into its DICOM SEG (see :mod:`volseg.data.writers`).
@@ -245,7 +247,7 @@ class DicomWebServer:
 
             client = DICOMwebClient(self.url, session=self.session, timeout=self.timeout)
             client.set_http_retry_params(retry=False)  # the session retries (bounded, connection errors too)
-            client.set_chunk_size(1 << 40)  # bodies sent whole, so that a retried POST sends them again
+            client.set_chunk_size(STREAM_CHUNK)
             self._client = client
         return self._client
 
@@ -346,13 +348,13 @@ class DicomWebServer:
     def fetch_series(self, study_uid: str, series_uid: str, folder: Path) -> list[Path]:
         """Retrieve a series' instances (WADO-RS, as stored) into ``folder``, one file each."""
         folder.mkdir(parents=True, exist_ok=True)
-        with self.errors(f"retrieving series {series_uid} (WADO-RS)", f"series {series_uid} not found"):
-            datasets = self.client.retrieve_series(study_uid, series_uid, media_types=(("application/dicom", "*"),))
         paths = []
-        for n, ds in enumerate(datasets):
-            path = folder / f"{n:06d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
+        with self.errors(f"retrieving series {series_uid} (WADO-RS)", f"series {series_uid} not found"):
+            stream = self.client.iter_series(study_uid, series_uid, media_types=(("application/dicom", "*"),))
+            for n, ds in enumerate(stream):  # written as they arrive
+                path = folder / f"{n:06d}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                paths.append(path)
         if not paths:
             raise UserError(f"series {series_uid} has no instances on the server", self.url)
         return paths
@@ -362,8 +364,13 @@ class DicomWebServer:
         import pydicom
 
         ds = pydicom.dcmread(path)
-        with self.errors("storing the DICOM SEG (STOW-RS)"):
-            answer = self.client.store_instances([ds], study_instance_uid=study_uid)
+        client = self.client
+        client.set_chunk_size(1 << 40)  # the body sent whole (not chunked), so that a retried POST sends it again
+        try:
+            with self.errors("storing the DICOM SEG (STOW-RS)"):
+                answer = client.store_instances([ds], study_instance_uid=study_uid)
+        finally:
+            client.set_chunk_size(STREAM_CHUNK)
         failed = answer.get("FailedSOPSequence") or []
         if failed:
             reason = failed[0].get("FailureReason", "?")
