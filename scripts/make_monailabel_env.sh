@@ -22,7 +22,9 @@
 #   itk-io 5.4.7 (+ itk-core; the result writer calls itk.imwrite), pynrrd 1.1.3, nibabel 5.4.2,
 #   scikit-image 0.26.0, shapely 2.2.0, girder-client 5.0.21, psutil 7.2.2, PyJWT 2.15.1, passlib 1.7.4,
 #   cachetools 8.0.0, schedule 1.2.2, timeloop 1.0.2, watchdog 7.1.0, expiring-dict 1.1.2, PyYAML 6.0.3,
-#   pytorch-ignite 0.5.5 (only for training through MONAI Label).
+#   pytorch-ignite 0.5.5 and tensorboard 2.21.0 (+ protobuf 7.36.2, grpcio 1.85.3, tensorboard-data-server 0.7.2,
+#   absl-py 2.5.1, Markdown 3.11.3, Werkzeug 3.1.9), only for training through MONAI Label: the bundles'
+#   train.json logs with TensorBoardStatsHandler, which needs tensorboard (POST /train/ answers 500 without it).
 #
 # Usage: bash scripts/make_monailabel_env.sh [VENV_DIR]     (default .venv-monailabel in the repo root)
 # Env:   PYTHON               interpreter that creates the venv (default python3)
@@ -75,7 +77,7 @@ echo "make_monailabel_env: installing MONAI Label's runtime dependencies into $v
     "scikit-image==0.26.0" "shapely==2.2.0" "girder-client==5.0.21" "psutil==7.2.2" \
     "PyJWT==2.15.1" "passlib==1.7.4" "cachetools==8.0.0" "schedule==1.2.2" "timeloop==1.0.2" \
     "watchdog==7.1.0" "expiring-dict==1.1.2" "PyYAML==6.0.3" \
-    "pytorch-ignite==0.5.5" \
+    "pytorch-ignite==0.5.5" "tensorboard==2.21.0" \
     || fail "cannot install MONAI Label's dependencies"
 
 # 3. monailabel itself, without its declared dependencies (sam2, torchvision, pydicom 3 via dicomweb-client).
@@ -126,6 +128,7 @@ import monailabel
 import monailabel.app  # noqa: F401  (FastAPI app and every endpoint)
 import monailabel.tasks.infer.bundle  # noqa: F401
 import monailabel.tasks.train.bundle  # noqa: F401
+from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (train.json's TensorBoardStatsHandler)
 
 versions = f"monailabel {monailabel.__version__}, monai {monai.__version__}, torch {torch.__version__}"
 print(f"make_monailabel_env: {versions}", file=sys.stderr)

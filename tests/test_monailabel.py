@@ -1,9 +1,10 @@
 """MONAI Label 0.8.5 serves a volseg bundle through its ``monaibundle`` sample app, offline, on CPU.
 
 MONAI Label lives in an environment of its own (scripts/make_monailabel_env.sh): its pins clash with volseg's.
-The test copies the sample app and the bundle into a temporary app folder, starts ``monailabel start_server``
-on a free loopback port with a studies folder holding one NIfTI, and checks ``GET /info/`` and
-``POST /infer/<model>``. Only 127.0.0.1 is contacted.
+The tests copy the sample app and the bundle into a temporary app folder, start ``monailabel start_server``
+on a free loopback port with a studies folder, and check ``GET /info/`` and ``POST /infer/<model>`` (one NIfTI),
+and ``POST /train/<model>?run_sync=true`` (four labelled studies, labels in ``studies/labels/final/``, two epochs):
+the bundle's models/model.pt is rewritten with new weights. Only 127.0.0.1 is contacted.
 
 Offline start-up: ``--conf zoo_source github``. With the default source (``monaihosting``), the app fetches
 the model zoo's model_info.json before looking at ``<app>/model/<name>``, even for a local bundle. With any
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import io
 import json
 import os
 import shutil
@@ -24,12 +26,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+from tests.conftest import save_nifti
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_SCRIPT = REPO / "scripts" / "make_monailabel_env.sh"
@@ -39,6 +45,7 @@ IMAGE_ID = "case0"  # MONAI Label's id of studies/case0.nii.gz
 ENV_BUILD_TIMEOUT_S = 1800
 SERVER_START_TIMEOUT_S = 180
 INFER_TIMEOUT_S = 300
+TRAIN_TIMEOUT_S = 600
 
 # pip's words for "the package index could not be reached" (as opposed to a package that does not resolve).
 _NETWORK_ERRORS = (
@@ -104,10 +111,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _http(method: str, url: str, timeout: float) -> tuple[int, bytes, str]:
-    """(status, body, content type) of one request to the local server."""
+def _http(method: str, url: str, timeout: float, body: dict[str, Any] | None = None) -> tuple[int, bytes, str]:
+    """(status, body, content type) of one request to the local server (``body`` sent as JSON)."""
     assert url.startswith("http://127.0.0.1:"), url  # loopback only
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read(), resp.headers.get("Content-Type", "")
@@ -164,6 +173,36 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+@contextmanager
+def _server(python: Path, bundle: Path, studies: Path, tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
+    """MONAI Label serving a copy of ``bundle`` as <app>/model/MODEL: (base URL, /info/, the copy's folder)."""
+    sample_app = MONAILABEL_VENV / "monailabel" / "sample-apps" / "monaibundle"
+    assert sample_app.is_dir(), f"monaibundle sample app missing: {sample_app}"
+    app = tmp_path / "app"
+    shutil.copytree(sample_app, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model"))
+    shutil.copytree(bundle, app / "model" / MODEL, ignore=shutil.ignore_patterns("eval", "__pycache__"))
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    # zoo_source: anything but "monaihosting", so that <app>/model/<MODEL> is used as it is (no zoo look-up).
+    conf = {"models": MODEL, "zoo_source": "github", "preload": "false", "sam2": "false"}
+    cmd = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BUNDLE_DOWNLOAD_SRC")}
+    env.update({"CUDA_VISIBLE_DEVICES": "", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield base, _wait_for_server(proc, base, log), app / "model" / MODEL
+    finally:
+        _stop(proc)
+
+
 def _channel_def(bundle: Path) -> dict[str, str]:
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     return next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
@@ -196,36 +235,14 @@ def _check_segmentation(
 
 def test_monailabel_serves_bundle(trained_bundle: Path, tmp_path: Path) -> None:
     python = _monailabel_python()
-    sample_app = MONAILABEL_VENV / "monailabel" / "sample-apps" / "monaibundle"
-    assert sample_app.is_dir(), f"monaibundle sample app missing: {sample_app}"
-
-    app = tmp_path / "app"
-    shutil.copytree(sample_app, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model"))
-    shutil.copytree(trained_bundle, app / "model" / MODEL, ignore=shutil.ignore_patterns("eval", "__pycache__"))
     studies = tmp_path / "studies"
     image, affine = _write_ct(studies / f"{IMAGE_ID}.nii.gz")
 
     label_values = _label_values(trained_bundle)
     expected_labels = _label_names(trained_bundle)
-
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    # zoo_source: anything but "monaihosting", so that <app>/model/<MODEL> is used as it is (no zoo look-up).
-    conf = {"models": MODEL, "zoo_source": "github", "preload": "false", "sam2": "false"}
-    cmd = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    for key, value in conf.items():
-        cmd += ["--conf", key, value]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BUNDLE_DOWNLOAD_SRC")}
-    env.update({"CUDA_VISIBLE_DEVICES": "", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        info = _wait_for_server(proc, base, log)
 
+    with _server(python, trained_bundle, studies, tmp_path) as (base, info, _):
         assert MODEL in info["models"], f"/info/ models: {list(info['models'])}\n{_log_tail(log)}"
         model = info["models"][MODEL]
         assert model["type"] == "segmentation"
@@ -244,8 +261,39 @@ def test_monailabel_serves_bundle(trained_bundle: Path, tmp_path: Path) -> None:
         parts = _multipart(body, content_type)
         assert json.loads(parts["params"])["label_names"] == expected_labels
         _check_segmentation(parts["image"], tmp_path / "result2.nii.gz", image.shape, affine, label_values)
-    finally:
-        _stop(proc)
+
+
+def test_monailabel_trains_bundle(trained_bundle: Path, tmp_path: Path) -> None:
+    """POST /train/<model>?run_sync=true (what 3D Slicer's client sends) trains the bundle's train.json for two
+    epochs on the datastore's labelled studies and writes the best weights to the bundle's models/model.pt."""
+    import torch
+
+    from volseg.data.synth import liver_ct_phantom
+
+    python = _monailabel_python()
+    studies = tmp_path / "studies"
+    for i in range(4):  # MONAI Label's datastore: images in studies/, final labels in studies/labels/final/
+        ph = liver_ct_phantom(300 + i, shape=(48, 48, 24))
+        save_nifti(studies / f"case{i}.nii.gz", ph.image, ph.affine)
+        save_nifti(studies / "labels" / "final" / f"case{i}.nii.gz", ph.label.astype(np.uint8), ph.affine)
+    log = tmp_path / "server.log"
+
+    with _server(python, trained_bundle, studies, tmp_path) as (base, info, bundle):
+        assert MODEL in info["trainers"], "train.json was not picked up as a trainer"
+        weights = bundle / "models" / "model.pt"
+        before, mtime = weights.read_bytes(), weights.stat().st_mtime_ns
+        # One validation case (val_split 0.25 of 4); CPU; no torchrun; start from the bundle's weights.
+        request = {"max_epochs": 2, "val_split": 0.25, "device": "cpu", "multi_gpu": False, "pretrained": True}
+        status, body, _ = _http("POST", f"{base}/train/{MODEL}?run_sync=true", TRAIN_TIMEOUT_S, request)
+        assert status == 200, f"/train/ answered {status}: {body[:500]!r}\n{_log_tail(log)}"
+
+    assert weights.stat().st_mtime_ns > mtime, "models/model.pt was not written"
+    old = torch.load(io.BytesIO(before), weights_only=True)
+    new = torch.load(weights, weights_only=True)
+    assert set(new) == set(old), "the saved state dict is not the bundle network's"
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert changed, "models/model.pt was rewritten with the same weights"
+    assert list((bundle / "logs").glob("events.out.tfevents.*")), "train.json's TensorBoard handlers wrote nothing"
 
 
 def test_bundle_runs_without_monailabel(trained_bundle: Path, tmp_path: Path) -> None:
