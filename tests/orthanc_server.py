@@ -47,7 +47,14 @@ class OrthancServer:
         exe, plugin: the Orthanc executable and DICOMweb plugin (default: :func:`find_orthanc`).
     """
 
-    def __init__(self, folder: Path, *, stable_age: int = 1, exe: str | None = None, plugin: Path | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        stable_age: int = 1,
+        exe: str | None = None,
+        plugin: Path | None = None,
+    ):
         found_exe, found_plugin = find_orthanc()
         self.exe = exe or found_exe
         self.plugin = plugin or found_plugin
@@ -154,6 +161,23 @@ class OrthancServer:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"series {series_uid} not stable after {timeout} s")
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself: (a PEM with the certificate and its key; the CA bundle).
+
+    (Debian's Orthanc 1.10.1 crashes on its first HTTPS connection, so the HTTPS tests use a TLS server of their own.)
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    both = folder / "orthanc.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return both, cert
 
 
 def environment() -> dict[str, str]:

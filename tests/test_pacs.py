@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from helpers import REPO, TINY_FLOORS, assert_real_overlap, free_port, require_tool
-from orthanc_server import PASSWORD, OrthancServer, environment, find_orthanc
+from orthanc_server import PASSWORD, OrthancServer, environment, find_orthanc, self_signed_certificate
 from pydicom.uid import generate_uid
 
 from volseg.data.synth import liver_ct_phantom
@@ -67,6 +67,53 @@ def test_watch_rules() -> None:
     assert rules.refusal("CT", "liver", manufacturer="volseg") == "written by volseg"
     with pytest.raises(UserError, match="not a regular expression"):
         WatchRules(series_description="(")
+
+
+def test_https_with_a_ca_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    require_tool("openssl", "openssl")
+    served, ca = self_signed_certificate(tmp_path / "tls")
+    # requests would let these override a session's CA bundle: --ca-bundle must win.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+
+    class EmptyQido(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Quiet(ThreadingHTTPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # the refused handshake below
+
+    httpd = Quiet(("127.0.0.1", 0), EmptyQido)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(served)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"dicomwebs://127.0.0.1:{httpd.server_address[1]}/dicom-web"
+        study = generate_uid()
+        # With the CA bundle the connection is made and the server's (empty) answer understood.
+        with pytest.raises(UserError, match=f"study {study} not found") as answered:
+            DicomWebServer(url, ca_bundle=ca, env={}).series_of_study(study)
+        assert not isinstance(answered.value, DicomWebError)
+        # Without it the certificate cannot be verified: one line that says what to do.
+        with pytest.raises(DicomWebError, match=r"TLS failure.*--ca-bundle"):
+            DicomWebServer(url, env={}, retries=0).series_of_study(study)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

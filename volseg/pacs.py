@@ -138,10 +138,11 @@ def _session(env: Mapping[str, str], ca_bundle: str | Path | None, retries: int,
         if not (user and password is not None):
             raise UserError(f"{ENV_USER} and {ENV_PASSWORD} go together: set both", url)
         session.auth = (user, password)
+    verify: str | None = None
     if ca_bundle is not None:
         if not Path(ca_bundle).is_file():
             raise UserError("CA bundle not found", ca_bundle)
-        session.verify = str(ca_bundle)
+        verify = session.verify = str(ca_bundle)
     retry = Retry(
         total=retries,
         connect=retries,
@@ -154,10 +155,25 @@ def _session(env: Mapping[str, str], ca_bundle: str | Path | None, retries: int,
         raise_on_status=False,
         respect_retry_after_header=False,  # keeps the waits bounded
     )
-    adapter = HTTPAdapter(max_retries=retry)
+    adapter = _verifying_adapter(HTTPAdapter, verify)(max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def _verifying_adapter(base: type, verify: str | None) -> type:
+    """An adapter that verifies with ``verify`` (when given) whatever the environment says.
+
+    requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override a session's own ``verify``; ``--ca-bundle`` wins here.
+    """
+
+    class VerifyingAdapter(base):  # type: ignore[valid-type,misc]
+        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            if verify is not None:
+                kwargs["verify"] = verify
+            return super().send(request, *args, **kwargs)
+
+    return VerifyingAdapter
 
 
 def _errno_text(exc: BaseException) -> str:
