@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from volseg.data.synth import best_window_dice, case_seed, liver_ct_phantom, write_dataset
+from volseg.data import synth
+from volseg.data.synth import best_window_dice, case_seed, liver_ct_geometry, liver_ct_phantom, write_dataset
 from volseg.errors import UserError
 
 TINY = (48, 48, 24)
@@ -117,7 +118,7 @@ def test_write_dataset_msd_layout_round_trips(tmp_path):
 
     image = nib.load(root / "imagesTr" / "liver_001.nii.gz")
     label = nib.load(root / "labelsTr" / "liver_001.nii.gz")
-    expected = liver_ct_phantom(case_seed(11, 1))
+    expected = liver_ct_phantom(case_seed(11, 1), variety="clinical")  # write_dataset's default variety
     assert image.get_data_dtype() == np.int16 and label.get_data_dtype() == np.uint8
     assert np.array_equal(image.affine, expected.affine) and np.array_equal(label.affine, expected.affine)
     assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1
@@ -134,3 +135,103 @@ def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="size"):
         liver_ct_phantom(0, size="huge")
     assert not any(tmp_path.iterdir())
+
+
+# --- the clinical variety ---------------------------------------------------------------------------------------
+
+CLINICAL_SEEDS = range(30)
+
+
+@pytest.fixture(scope="module")
+def clinical_geometries():
+    """Grids and drawn parameters of 30 full-size clinical phantoms (no voxels are made: about 0.1 s each)."""
+    return [liver_ct_geometry(seed, variety="clinical", size="full") for seed in CLINICAL_SEEDS]
+
+
+def test_clinical_labels_follow_the_contract_and_are_deterministic():
+    a = liver_ct_phantom(2, variety="clinical", shape=(40, 40, 48), axcodes="LPS")
+    b = liver_ct_phantom(2, variety="clinical", shape=(40, 40, 48), axcodes="LPS")
+    assert a.image.dtype == np.int16 and a.label.dtype == np.uint8 and a.image.shape == a.label.shape == (40, 40, 48)
+    assert set(np.unique(a.label).tolist()) == {0, 1, 2}
+    assert a.image.tobytes() == b.image.tobytes() and a.label.tobytes() == b.label.tobytes()
+    hard = liver_ct_phantom(2, shape=(40, 40, 48), axcodes="LPS")
+    assert not np.array_equal(hard.label, a.label)
+    assert a.info["variety"] == "clinical" and hard.info["variety"] == "hard"
+
+
+def test_clinical_slabs_join_without_seams(monkeypatch):
+    whole = liver_ct_phantom(2, variety="clinical", shape=(36, 40, 48), axcodes="LPS")
+    monkeypatch.setattr(synth, "_SLAB_VOXELS", 1)  # many thin slabs (each 4 halos deep)
+    slabbed = liver_ct_phantom(2, variety="clinical", shape=(36, 40, 48), axcodes="LPS")
+    assert np.array_equal(whole.image, slabbed.image) and np.array_equal(whole.label, slabbed.label)
+
+
+def test_clinical_lesion_contrast_sizes_and_counts_span_lits_like_ranges(clinical_geometries):
+    lesions = [t for g in clinical_geometries for t in g.info["tumours"]]
+    contrast = np.array([t["contrast_hu"] for t in lesions])  # liver minus lesion: > 0 darker, < 0 brighter
+    diameter = np.array([t["diameter_mm"] for t in lesions])
+    assert len(lesions) >= 60
+    assert np.mean((contrast >= 15) & (contrast <= 70)) > 0.6  # most are 15-70 HU darker
+    assert np.any(contrast < 0) and np.any((contrast > 0) & (contrast < 10))  # a few brighter, some faint
+    assert contrast.max() <= 70 and contrast.min() >= -60
+    assert diameter.min() >= 5 and diameter.max() <= 60
+    assert np.any(diameter < 10) and np.any(diameter > 35)
+    counts = [len(g.info["tumours"]) for g in clinical_geometries]
+    assert min(counts) == 0 and max(counts) >= 6 and max(counts) <= 8
+
+
+def test_clinical_fields_of_view_phases_and_noise_span_the_ranges(clinical_geometries):
+    infos = [g.info for g in clinical_geometries]
+    assert {i["fov_kind"] for i in infos} == {"liver", "abdomen", "abdomen-pelvis", "chest-abdomen-pelvis"}
+    extents = []
+    for g in clinical_geometries:
+        # The field of view from the grid itself: the world extent of the voxel centres, plus one voxel.
+        sizes = nib.affines.voxel_sizes(g.affine) * np.array(g.shape)
+        slice_axis = [synth._AXES[c][0] for c in g.info["axcodes"]].index(2)
+        inplane = [sizes[a] for a in range(3) if a != slice_axis]
+        assert inplane[0] == pytest.approx(inplane[1], rel=1e-3) and 249 <= inplane[0] <= 501
+        assert sorted(g.shape[a] for a in range(3) if a != slice_axis) == [512, 512]
+        extents.append((inplane[0], sizes[slice_axis], nib.affines.voxel_sizes(g.affine)[slice_axis]))
+    fov, z, thickness = np.array(extents).T
+    assert fov.min() < 330 and fov.max() > 430
+    assert z.min() < 250 and z.max() > 550 and z.max() <= 606  # up to 600 mm (plus rounding to whole slices)
+    assert thickness.min() < 1.2 and thickness.max() > 4.0 and 0.6 <= thickness.min() and thickness.max() <= 5.0
+    assert {i["phase"] for i in infos} == {"non-contrast", "arterial", "portal venous", "delayed"}
+    liver = np.array([i["hu"]["liver"] for i in infos])
+    assert liver.min() >= 60 and liver.max() <= 140 and liver.max() - liver.min() > 40
+    noise = np.array([i["noise_sd"] for i in infos])
+    assert noise.min() >= 8 and noise.max() <= 30 and noise.max() - noise.min() > 12
+    offsets = np.abs(np.array([i["table_offset_mm"] for i in infos]))
+    assert offsets.max() > 15 and offsets.max() <= 30
+
+
+def test_clinical_demo_size_keeps_the_field_of_view_with_coarser_voxels(clinical_geometries):
+    for seed in (2, 5):
+        full = clinical_geometries[seed]
+        demo = liver_ct_geometry(seed, variety="clinical", size="demo")
+        assert demo.info["fov_mm"] == full.info["fov_mm"]
+        slice_axis = [synth._AXES[c][0] for c in demo.info["axcodes"]].index(2)
+        assert demo.shape[slice_axis] <= 128 and all(demo.shape[a] <= 192 for a in range(3) if a != slice_axis)
+        extent = nib.affines.voxel_sizes(demo.affine) * np.array(demo.shape)
+        assert extent[slice_axis] >= 0.99 * full.info["fov_mm"][2]
+
+
+def test_clinical_long_scans_have_slices_without_liver(clinical_geometries):
+    long = [g.info["seed"] for g in clinical_geometries if g.info["fov_kind"] == "chest-abdomen-pelvis"]
+    p = liver_ct_phantom(long[0], variety="clinical", shape=(32, 32, 60), axcodes="RAS")
+    per_slice = (p.label > 0).any(axis=(0, 1))
+    assert per_slice.any() and (~per_slice).sum() > 20  # most of a chest-abdomen-pelvis scan has no liver
+    body_per_slice = (p.image > -500).any(axis=(0, 1))
+    assert body_per_slice.all()  # those slices still hold a body, not air
+
+
+def test_write_dataset_variety(tmp_path):
+    write_dataset(tmp_path / "h", n=1, seed=3, variety="hard")
+    meta = json.loads((tmp_path / "h" / "dataset.json").read_text())
+    assert meta["synthetic"]["variety"] == "hard"
+    label = np.asarray(nib.load(tmp_path / "h" / "labelsTr" / "liver_000.nii.gz").dataobj)
+    assert np.array_equal(label, liver_ct_phantom(case_seed(3, 0)).label)
+    with pytest.raises(UserError, match="variety"):
+        write_dataset(tmp_path / "x", n=1, variety="easy")
+    with pytest.raises(UserError, match="variety"):
+        liver_ct_phantom(0, variety="easy", shape=TINY)

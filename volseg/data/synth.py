@@ -40,6 +40,37 @@ below the liver and 30-60 mm above it (up to about 90 million voxels, 15 s and 1
 
 Random streams are separate for the anatomy, the grid and the noise, so overriding the grid (spacing, axcodes,
 shape, oblique tilt) never changes the anatomy of a seed.
+
+Varieties. Everything above describes ``variety="hard"``, the default of :func:`liver_ct_phantom` and the
+phantoms of earlier versions (kept byte for byte). ``variety="clinical"``, the default of :func:`write_dataset`,
+draws the scan and the patient over the ranges of clinical CT instead (its own random streams; the organ shapes
+of a seed are those of the hard variety, scaled to the drawn patient size):
+
+* field of view: liver only (liver +- 5-25 mm, 20%), abdomen (dome + 20-50 mm to the iliac crest, 30%),
+  abdomen-pelvis (to below the pubis, 30%) or chest-abdomen-pelvis (lung apex to below the pubis, 20%); z extent
+  at most 600 mm (about 160-600 mm); square in-plane field of view 250-500 mm (the body plus 10-90 mm, so wide
+  patients are cut at the sides); the patient 0-30 mm off the scanner's centre in x and y; coarse pelvic
+  landmarks (iliac wings, sacrum, femoral heads and necks, pubic rami, bladder, gluteal muscles) and a sternum,
+  and ribs up to the lung apex;
+* patient scale 0.8-1.3 (body 240-440 mm wide), subcutaneous fat 5-50 mm;
+* contrast phase: non-contrast (15%), arterial (20%), portal venous (45%) or delayed (20%), liver 60-140 HU
+  over the phases, spleen, intrahepatic vessels, aorta, IVC, heart, kidneys, pancreas and bowel wall set for the
+  phase (relative to the liver where physiology ties them to it);
+* noise SD 8-30 HU; slice spacing 0.6-5 mm (``size="full"``: 512 x 512 matrix, so 0.49-0.98 mm in-plane);
+* 0-8 lesions per liver, 5-60 mm across (log-uniform, equivalent diameter), at least 2 mm inside the liver;
+  lesion minus liver: 15-70 HU darker (80%), 2-10 HU darker (faint, 12%) or 15-60 HU brighter (8%); over
+  30 mm, half have a necrotic core 10-30 HU darker still (labelled tumour too). ``info["tumours"]`` lists each
+  lesion's centre, radii, ``diameter_mm`` and ``contrast_hu`` (liver minus lesion: negative when brighter).
+
+``size="demo"`` keeps the drawn field of view and coarsens the voxels (at most 192 x 192 in-plane and 128
+slices: 1.3-2.6 mm in-plane, 1.3-4.7 mm slices), so demo cases of a long scan have slices without liver;
+``size="full"`` uses the drawn slice spacing, up to 512 x 512 x 1000 voxels. The clinical variety is sampled,
+blurred and given noise slab by slab: its memory is the int16 image and uint8 label (3 bytes a voxel, 0.8 GB
+for 512 x 512 x 1000) plus one slab. :func:`liver_ct_geometry` gives the grid and the drawn parameters of a
+phantom without making its voxels.
+
+``volseg.data.synth_torso`` is a second, independently built family (other shapes, organs and intensity
+model) for held-out evaluation only.
 """
 
 from __future__ import annotations
@@ -64,6 +95,9 @@ __all__ = [
     "best_window_dice",
     "case_seed",
     "cells_image",
+    "VARIETIES",
+    "PhantomGeometry",
+    "liver_ct_geometry",
     "liver_ct_phantom",
     "write_dataset",
 ]
@@ -510,12 +544,22 @@ def _z_extent(shape: _Shape, step: float = 3.0) -> tuple[float, float]:
     return float(found.min()) - step, float(found.max()) + step
 
 
-def _build_anatomy(rng: np.random.Generator) -> _Anatomy:
-    """Draw one patient. The number and order of draws is fixed, so a seed always gives the same patient."""
+def _build_anatomy(rng: np.random.Generator, clinical: np.random.Generator | None = None) -> _Anatomy:
+    """Draw one patient. The number and order of draws is fixed, so a seed always gives the same patient.
+
+    With ``clinical`` (a separate stream), the patient size, fat, contrast phase, HU values, noise and lesions are
+    drawn from it over clinical ranges (see :func:`_clinical_protocol`), pelvic and chest landmarks are added, and
+    the draws of ``rng`` are still all made, so the hard variety of a seed never changes.
+    """
     u = rng.uniform
     s = u(0.9, 1.1)  # patient size
     a, b = s * u(150, 170), s * u(105, 125)  # body half width / depth
     fat, wall = s * u(8, 30), u(8, 14)
+    protocol = _clinical_protocol(clinical) if clinical is not None else None
+    if protocol is not None:
+        scale = protocol.scale / s
+        s, a, b = s * scale, a * scale, b * scale
+        fat = s * protocol.fat_mm
     ac, bc = a - fat - wall, b - fat - wall  # visceral cavity
     hu = {
         "subcutaneous_fat": u(-110, -90),
@@ -542,6 +586,9 @@ def _build_anatomy(rng: np.random.Generator) -> _Anatomy:
     }
     hu["spleen"] = float(np.clip(hu["liver"] + u(-6, 4), 100, 110))  # close to the liver on purpose
     noise_sd = u(15, 25)
+    if protocol is not None:
+        hu.update(protocol.hu)
+        noise_sd = protocol.noise_sd
     yaw = u(-3, 3)
     position = np.array([u(-20, 20), u(-20, 20), u(-400, 0)])
     cavity = _Cylinder(0, 0, ac, bc)
@@ -698,9 +745,20 @@ def _build_anatomy(rng: np.random.Generator) -> _Anatomy:
         _Paint(
             _Ring(ac, bc, 2.0, 2.0 + 7 * s, -80, 50),
             hu["rib"],
-            within=(_ZBands(dome + u(0, 25), 26 * s, 11 * s, liver_z[0] - 20, dome + 60, tilt=-0.6),),
+            within=(
+                _ZBands(
+                    dome + u(0, 25),
+                    26 * s,
+                    11 * s,
+                    liver_z[0] - 20,
+                    dome + (60 if protocol is None else 230 * s),
+                    tilt=-0.6,
+                ),
+            ),
         ),
     ]
+    if clinical is not None:
+        ops += _pelvis_and_chest(clinical, s, a, b, fat, yv, dome, hu)
 
     # Perfusion gradient inside the liver, then tumours.
     ops.append(_AddField(_Box(liver.lo, liver.hi), _waves(rng, 2, (3.0, 6.0), (60, 150)), 1))
@@ -709,8 +767,15 @@ def _build_anatomy(rng: np.random.Generator) -> _Anatomy:
         "noise_sd": noise_sd,
         "hu": {k: round(float(v), 1) for k, v in hu.items() if k != "vessel_gain"},
     }
+    if protocol is not None:
+        info["variety"] = "clinical"
+        info["phase"] = protocol.phase
+        info["hu"]["vessel_gain"] = round(float(hu["vessel_gain"]), 1)  # type: ignore[index]
     anatomy = _Anatomy(ops, liver, a, b, liver_z, yaw, position, noise_sd, info)
-    _add_tumours(anatomy, rng, hu["liver"])
+    if clinical is not None:
+        _add_clinical_lesions(anatomy, clinical, hu["liver"])
+    else:
+        _add_tumours(anatomy, rng, hu["liver"])
     # Residual cupping / scatter: a slow HU drift over the whole body, after the tumours.
     anatomy.ops.append(_AddField(_Cylinder(0, 0, a, b), _waves(rng, 2, (3.0, 6.0), (250, 450))))
     return anatomy
@@ -770,6 +835,234 @@ def _add_tumours(anatomy: _Anatomy, rng: np.random.Generator, liver_hu: float) -
         }
         for e, c in chosen
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The clinical variety: protocol, extra landmarks and lesions drawn over the ranges seen in clinical CT.
+# ----------------------------------------------------------------------------------------------------------
+
+_PHASES: tuple[tuple[str, float], ...] = (
+    ("non-contrast", 0.15),
+    ("arterial", 0.2),
+    ("portal venous", 0.45),
+    ("delayed", 0.2),
+)
+_FOV_KINDS: tuple[tuple[str, float], ...] = (
+    ("liver", 0.2),
+    ("abdomen", 0.3),
+    ("abdomen-pelvis", 0.3),
+    ("chest-abdomen-pelvis", 0.2),
+)
+_MAX_Z_EXTENT_MM = 600.0
+_CLINICAL_FOV_MM = (250.0, 500.0)
+_CLINICAL_SLICE_MM = (0.6, 5.0)
+_CLINICAL_DEMO_MATRIX = 192
+_CLINICAL_DEMO_SLICES = 128
+_LESION_COUNT_WEIGHTS = (0.15, 0.2, 0.17, 0.13, 0.1, 0.08, 0.07, 0.05, 0.05)  # 0..8 lesions
+_LESION_DIAMETER_MM = (5.0, 60.0)
+_CLINICAL_MARGIN_MM = 2.0
+# Pelvic landmarks along z in the patient frame (mm, times the patient scale); the liver dome is near +70.
+_ILIAC_CREST_Z = -150.0
+_FEMORAL_HEAD_Z = -270.0
+_PUBIS_Z = -300.0
+_LUNG_APEX_ABOVE_DOME = 220.0
+
+
+def _pick(rng: np.random.Generator, table: Sequence[tuple[str, float]]) -> str:
+    names = [name for name, _ in table]
+    weights = np.array([w for _, w in table], dtype=float)
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
+@dataclass
+class _Protocol:
+    phase: str
+    scale: float
+    fat_mm: float
+    noise_sd: float
+    hu: dict[str, float]
+
+
+def _clinical_protocol(rng: np.random.Generator) -> _Protocol:
+    """Patient size, fat, contrast phase with HU values relative to the liver, and noise, for the clinical variety.
+
+    Liver 60-140 HU over the four phases (non-contrast 60-72, arterial 65-95, portal venous 95-140, delayed
+    75-110); the spleen, the intrahepatic vessels, aorta, IVC, heart, kidneys, pancreas and bowel wall follow the
+    phase (the spleen brighter than the liver in the arterial phase, the vessels darker than an unenhanced liver).
+    Noise SD 8-30 HU; patient scale 0.8-1.3 (body 240-440 mm wide) with 5-50 mm of subcutaneous fat.
+    """
+    u = rng.uniform
+    phase = _pick(rng, _PHASES)
+    scale, fat_mm, noise_sd = u(0.8, 1.3), u(5, 50), u(8, 30)
+    if phase == "non-contrast":
+        liver = u(60, 72)
+        rel = {"spleen": -u(2, 12), "vessel_gain": -u(10, 25)}
+        absolute = {"aorta": u(35, 50), "ivc": u(35, 50), "heart": u(35, 50), "kidney": u(30, 40)}
+        absolute |= {"renal_medulla": u(25, 35), "pancreas": u(40, 50), "bowel_wall": u(35, 50)}
+    elif phase == "arterial":
+        liver = u(65, 95)
+        rel = {"spleen": u(10, 40), "vessel_gain": u(20, 60)}
+        absolute = {"aorta": u(250, 400), "ivc": u(60, 100), "heart": u(200, 350), "kidney": u(180, 260)}
+        absolute |= {"renal_medulla": u(80, 120), "pancreas": u(100, 150), "bowel_wall": u(80, 130)}
+    elif phase == "portal venous":
+        liver = u(95, 140)
+        rel = {"spleen": u(-10, 15), "vessel_gain": u(30, 70)}
+        absolute = {"aorta": u(140, 200), "ivc": u(120, 160), "heart": u(130, 180), "kidney": u(150, 200)}
+        absolute |= {"renal_medulla": u(130, 180), "pancreas": u(90, 120), "bowel_wall": u(70, 110)}
+    else:
+        liver = u(75, 110)
+        rel = {"spleen": u(-8, 8), "vessel_gain": u(5, 25)}
+        absolute = {"aorta": u(100, 140), "ivc": u(100, 130), "heart": u(100, 130), "kidney": u(110, 160)}
+        absolute |= {"renal_medulla": u(120, 180), "pancreas": u(70, 90), "bowel_wall": u(60, 90)}
+        absolute["renal_pelvis"] = u(100, 300)  # excreted contrast
+    hu = {"liver": liver, "spleen": liver + rel["spleen"], "vessel_gain": rel["vessel_gain"], **absolute}
+    return _Protocol(phase, scale, fat_mm, noise_sd, hu)
+
+
+def _pelvis_and_chest(
+    rng: np.random.Generator,
+    s: float,
+    a: float,
+    b: float,
+    fat: float,
+    yv: float,
+    dome: float,
+    hu: dict[str, float],
+) -> list[_Paint | _AddField]:
+    """Coarse pelvic and chest landmarks for long fields of view: iliac wings, sacrum, femora, pubic rami,
+    bladder, gluteal muscles and a sternum."""
+    u = rng.uniform
+    body = _Cylinder(0, 0, a, b)
+    bone, core = hu["cortical_bone"], hu["cancellous_bone"]
+    ops: list[_Paint | _AddField] = []
+    for side in (1.0, -1.0):
+        ops.append(
+            _Paint(
+                _Cylinder(side * 75 * s, -b + fat + 40 * s, 60 * s, 40 * s, z1=_ILIAC_CREST_Z * s),
+                hu["muscle"],
+                within=(body,),
+            )
+        )
+    for side in (1.0, -1.0):
+        wing = _Ellipsoid(
+            (side * 85 * s, -25 * s, (_ILIAC_CREST_Z - 50) * s),
+            s * np.array([10, 45, 50]) * u(0.9, 1.1, 3),
+            _rotation(0, side * u(-10, 10), side * u(20, 40)),
+        )
+        head_c = np.array([side * 95 * s, -5 * s, _FEMORAL_HEAD_Z * s])
+        head_r = 23 * s * u(0.9, 1.1)
+        pubis = np.array([side * 12 * s, 55 * s, _PUBIS_Z * s])
+        ops += [
+            _Paint(wing, bone, within=(body,)),
+            _Paint(_Ellipsoid(wing.c, wing.r * 0.6, wing.rot), core, within=(body,)),
+            _Paint(_Ellipsoid(head_c, (head_r,) * 3), bone, within=(body,)),
+            _Paint(_Ellipsoid(head_c, (head_r - 3,) * 3), core, within=(body,)),
+            _Paint(_Cylinder(side * 105 * s, -5 * s, 15 * s, 15 * s, z1=float(head_c[2])), bone, within=(body,)),
+            _Paint(_Capsule(head_c + (-side * 10 * s, 10 * s, -5 * s), pubis, 9 * s), bone, within=(body,)),
+        ]
+    sacrum = _Ellipsoid((0, yv - 5 * s, (_ILIAC_CREST_Z - 70) * s), s * np.array([42, 18, 60]), _rotation(20, 0, 0))
+    bladder = _Ellipsoid(
+        (0, 45 * s, (_FEMORAL_HEAD_Z + 5) * s), s * u((30, 25, 25), (55, 40, 40)), _rotation(*u(-10, 10, 3))
+    )
+    wall_y = b - fat - 6 * s
+    ops += [
+        _Paint(sacrum, bone, within=(body,)),
+        _Paint(_Ellipsoid(sacrum.c, sacrum.r * 0.7, sacrum.rot), core, within=(body,)),
+        _Paint(bladder, u(0, 15), within=(body,)),
+        _Paint(_Cylinder(0, wall_y, 15 * s, 6 * s, z0=dome - 40 * s, z1=dome + 180 * s), bone, within=(body,)),
+    ]
+    return ops
+
+
+def _fits_in_liver(anatomy: _Anatomy, ellipsoids: Sequence[_Ellipsoid], margin_mm: float) -> list[bool]:
+    """Whether each ellipsoid, grown by ``margin_mm``, lies in the (already painted) liver label."""
+    directions = _sphere_directions(160)
+    probes = [
+        np.concatenate(
+            [
+                e.surface_points(directions, margin_mm),
+                e.surface_points(directions[::4], -0.5 * float(e.r.min())),
+                e.c[None],
+            ]
+        )
+        for e in ellipsoids
+    ]
+    canvas = _PointCanvas(np.concatenate(probes))
+    for op in anatomy.ops:
+        canvas.apply(op)
+    inside = np.split(canvas.label == 1, np.cumsum([len(p) for p in probes])[:-1])
+    return [bool(m.all()) for m in inside]
+
+
+def _lesion_delta(rng: np.random.Generator) -> float:
+    """Lesion minus liver HU: mostly 15-70 darker, some faint (2-10 darker), a few brighter (15-60)."""
+    r = rng.random()
+    if r < 0.12:
+        return -float(rng.uniform(2, 10))
+    if r < 0.2:
+        return float(rng.uniform(15, 60))
+    return -float(rng.uniform(15, 70))
+
+
+def _add_clinical_lesions(anatomy: _Anatomy, rng: np.random.Generator, liver_hu: float) -> None:
+    """Place 0-8 lesions 5-60 mm across (log-uniform), 2 mm inside the liver, with LiTS-like contrast.
+
+    Lesions over 30 mm across get a necrotic core 10-30 HU darker than the lesion half of the time (labelled
+    tumour as well).
+    """
+    u = rng.uniform
+    counts = np.asarray(_LESION_COUNT_WEIGHTS)
+    wanted = int(rng.choice(len(counts), p=counts / counts.sum()))
+    lo, hi = anatomy.liver.lo, anatomy.liver.hi
+    candidates: list[tuple[_Ellipsoid, float]] = []
+    for _ in range(240):
+        diameter = math.exp(u(math.log(_LESION_DIAMETER_MM[0]), math.log(_LESION_DIAMETER_MM[1])))
+        radii = np.clip(0.5 * diameter * u(0.8, 1.2, 3), 0.5 * _LESION_DIAMETER_MM[0], 0.5 * _LESION_DIAMETER_MM[1])
+        candidates.append((_Ellipsoid(u(lo, hi), radii, _rotation(*u(-90, 90, 3))), _lesion_delta(rng)))
+    necrotic = [bool(u() < 0.5) for _ in candidates]
+    core_delta = [-float(u(10, 30)) for _ in candidates]
+    # Cheap first pass on the centres, then full probes in small batches until enough lesions fit.
+    centres = _PointCanvas(np.array([e.c for e, _ in candidates]))
+    for op in anatomy.ops:
+        centres.apply(op)
+    survivors = [k for k in range(len(candidates)) if centres.label[k] == 1]
+    chosen: list[int] = []
+    for b0 in range(0, len(survivors), 16):
+        if len(chosen) == wanted:
+            break
+        batch = survivors[b0 : b0 + 16]
+        fits = _fits_in_liver(anatomy, [candidates[k][0] for k in batch], _CLINICAL_MARGIN_MM)
+        for k, ok in zip(batch, fits, strict=True):
+            if len(chosen) == wanted:
+                break
+            ellipsoid = candidates[k][0]
+            apart = all(
+                np.linalg.norm(ellipsoid.c - candidates[j][0].c)
+                > ellipsoid.r.max() + candidates[j][0].r.max() + _CLINICAL_MARGIN_MM
+                for j in chosen
+            )
+            if ok and apart:
+                chosen.append(k)
+    records = []
+    for k in chosen:
+        ellipsoid, delta = candidates[k]
+        anatomy.ops.append(_Paint(ellipsoid, liver_hu + delta, 2, only_label=1))
+        diameter = 2.0 * float(np.prod(ellipsoid.r)) ** (1 / 3)
+        core = necrotic[k] and diameter > 30.0
+        if core:
+            inner = _Ellipsoid(ellipsoid.c, ellipsoid.r * 0.5, ellipsoid.rot)
+            anatomy.ops.append(_Paint(inner, liver_hu + delta + core_delta[k], 2, only_label=2))
+        records.append(
+            {
+                "center_mm": [round(float(v), 1) for v in ellipsoid.c],
+                "radii_mm": [round(float(v), 1) for v in ellipsoid.r],
+                "diameter_mm": round(diameter, 1),
+                "contrast_hu": round(-delta, 1),
+                "necrotic_core": core,
+            }
+        )
+    anatomy.info["tumours"] = records
+    anatomy.info["tumours_wanted"] = wanted
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -850,17 +1143,171 @@ def _grid(
         if size == "full" and spacing is None:
             dims[inplane_axes] = _FULL_MATRIX
 
+    pose = _rotation(0, 0, anatomy.yaw)
+    center = anatomy.position + pose @ np.array([0.0, 0.0, 0.5 * (z0 + z1)])
+    affine = _affine(axes, sp, dims, oblique_deg, center)
+    return affine, (int(dims[0]), int(dims[1]), int(dims[2])), codes, float(sp[slice_axis])
+
+
+def _affine(
+    axes: list[tuple[int, float]], sp: np.ndarray, dims: np.ndarray, oblique_deg: float, center: np.ndarray
+) -> np.ndarray:
+    """Voxel -> world affine with the field-of-view centre at ``center`` (float32-exact values)."""
     direction = np.zeros((3, 3))
     for a, (w, sign) in enumerate(axes):
         direction[w, a] = sign
     direction = _axis_rotation((1.0, 1.0, 1.0), oblique_deg) @ direction
-    pose = _rotation(0, 0, anatomy.yaw)
-    center = anatomy.position + pose @ np.array([0.0, 0.0, 0.5 * (z0 + z1)])
     affine = np.eye(4)
     affine[:3, :3] = direction * sp
     affine[:3, 3] = center - affine[:3, :3] @ ((dims - 1) / 2.0)
-    affine = affine.astype(np.float32).astype(np.float64)  # what a NIfTI header stores, exactly
-    return affine, (int(dims[0]), int(dims[1]), int(dims[2])), codes, float(sp[slice_axis])
+    return affine.astype(np.float32).astype(np.float64)  # what a NIfTI header stores, exactly
+
+
+def _clinical_z_range(rng: np.random.Generator, kind: str, liver_z: tuple[float, float], s: float):
+    """Scan range along z (patient frame, mm) of a clinical field of view of ``kind``."""
+    u = rng.uniform
+    bottom, top = liver_z
+    if kind == "liver":
+        z0, z1 = bottom - u(5, 25), top + u(5, 25)
+    elif kind == "abdomen":
+        z0, z1 = _ILIAC_CREST_Z * s - u(0, 40), top + u(20, 50)
+    elif kind == "abdomen-pelvis":
+        z0, z1 = _PUBIS_Z * s - u(10, 40), top + u(20, 50)
+    else:
+        z0, z1 = _PUBIS_Z * s - u(10, 40), top + _LUNG_APEX_ABOVE_DOME * s + u(0, 30)
+    return z0, min(z1, z0 + _MAX_Z_EXTENT_MM)
+
+
+def _grid_clinical(
+    anatomy: _Anatomy,
+    rng: np.random.Generator,
+    size: str,
+    spacing: Sequence[float] | None,
+    axcodes: str | None,
+    shape: Sequence[int] | None,
+    oblique_deg: float,
+) -> tuple[np.ndarray, tuple[int, int, int], str, float, dict[str, object]]:
+    """The clinical variety's grid: drawn field of view (kind, z range, square in-plane FOV, table offset).
+
+    ``size="full"``: a 512 x 512 matrix over a 250-500 mm field of view and the drawn 0.6-5 mm slices.
+    ``size="demo"``: the same field of view with coarser voxels (at most 192 x 192 x 128), so that a demo case
+    still holds the slices without liver of a long scan. ``spacing`` and ``shape`` override as in :func:`_grid`.
+    """
+    u = rng.uniform
+    kind = _pick(rng, _FOV_KINDS)
+    s = float(anatomy.info["patient_scale"])  # type: ignore[arg-type]
+    z0, z1 = _clinical_z_range(rng, kind, anatomy.liver_z, s)
+    yaw = math.radians(anatomy.yaw)
+    body = 2 * max(
+        math.hypot(anatomy.half_x * math.cos(yaw), anatomy.half_y * math.sin(yaw)),
+        math.hypot(anatomy.half_x * math.sin(yaw), anatomy.half_y * math.cos(yaw)),
+    )
+    fov = float(np.clip(body + u(10, 90), *_CLINICAL_FOV_MM))
+    table = np.array([u(-30, 30), u(-30, 30), 0.0])  # patient off the scanner's centre
+    thick0 = u(*_CLINICAL_SLICE_MM)
+    code0 = _ORIENTATIONS[int(rng.integers(len(_ORIENTATIONS)))]
+    codes = str(axcodes).upper() if axcodes is not None else code0
+    axes = _parse_axcodes(codes)
+    need = np.array([fov, fov, z1 - z0])
+    world_axis = [w for w, _ in axes]
+    slice_axis = world_axis.index(2)
+    inplane_axes = [a for a in range(3) if a != slice_axis]
+
+    if spacing is not None:
+        sp = np.array(_check_triple("spacing", spacing, integer=False), dtype=float)
+    elif shape is not None:
+        n = _check_triple("shape", shape, integer=True)
+        sp = np.empty(3)
+        sp[inplane_axes] = max(need[world_axis[a]] / n[a] for a in inplane_axes)
+        sp[slice_axis] = need[2] / n[slice_axis]
+    else:
+        sp = np.empty(3)
+        inplane, thick = fov / _FULL_MATRIX, thick0
+        if size == "demo":
+            inplane = max(inplane, fov / _CLINICAL_DEMO_MATRIX)
+            thick = max(thick, need[2] / _CLINICAL_DEMO_SLICES)
+        sp[inplane_axes], sp[slice_axis] = inplane, thick
+    if shape is not None:
+        dims = np.array(_check_triple("shape", shape, integer=True), dtype=int)
+    else:
+        dims = np.array([math.ceil(need[world_axis[a]] / sp[a] - 1e-6) for a in range(3)])
+
+    pose = _rotation(0, 0, anatomy.yaw)
+    center = anatomy.position + pose @ np.array([0.0, 0.0, 0.5 * (z0 + z1)]) + table
+    affine = _affine(axes, sp, dims, oblique_deg, center)
+    fov_info: dict[str, object] = {
+        "fov_kind": kind,
+        "fov_mm": [round(float(v), 1) for v in need],
+        "scan_z_mm": [round(float(z0), 1), round(float(z1), 1)],
+        "table_offset_mm": [round(float(v), 1) for v in table[:2]],
+    }
+    return affine, (int(dims[0]), int(dims[1]), int(dims[2])), codes, float(sp[slice_axis]), fov_info
+
+
+def _gaussian_noise_gain(sigmas: Sequence[float], truncate: float) -> float:
+    """Standard deviation of white unit noise after ``scipy.ndimage.gaussian_filter`` (away from the edges)."""
+    gain = 1.0
+    for sigma in sigmas:
+        if sigma <= 0:
+            continue
+        radius = int(truncate * float(sigma) + 0.5)
+        x = np.arange(-radius, radius + 1, dtype=float)
+        w = np.exp(-0.5 * (x / float(sigma)) ** 2)
+        w /= w.sum()
+        gain *= math.sqrt(float((w * w).sum()))
+    return gain
+
+
+def _render_slabbed(
+    anatomy: _Anatomy,
+    affine: np.ndarray,
+    dims: tuple[int, int, int],
+    blur: Sequence[float],
+    corr: Sequence[float],
+    noise_rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample, blur and add noise slab by slab along array axis 0; memory: the int16/uint8 outputs plus a slab.
+
+    Each slab is sampled with a halo of rows on both sides, wide enough for both Gaussian filters, so the result
+    equals filtering the whole volume (up to the edges of the array). The noise is drawn row by row in order from
+    one stream, so slabs join without seams.
+    """
+    truncate = 3.0
+    pose = np.eye(4)
+    pose[:3, :3] = _rotation(0, 0, anatomy.yaw)
+    pose[:3, 3] = anatomy.position
+    to_patient = np.linalg.inv(pose) @ affine
+    n0, n1, n2 = dims
+    halo = max(int(truncate * float(blur[0]) + 0.5), int(truncate * float(corr[0]) + 0.5)) + 1
+    step = max(4 * halo, _SLAB_VOXELS // max(1, n1 * n2))
+    gain = _gaussian_noise_gain(corr, truncate)
+    scale = np.float32(anatomy.noise_sd / max(gain, 1e-6))
+    image = np.empty(dims, dtype=np.int16)
+    label = np.empty(dims, dtype=np.uint8)
+    raw = np.empty((0, n1, n2), dtype=np.float32)  # noise rows [raw_start, raw_start + len(raw)) drawn so far
+    raw_start = 0
+    noise_modes = ["nearest", "wrap", "wrap"]
+    for i0 in range(0, n0, step):
+        i1 = min(n0, i0 + step)
+        e0, e1 = max(0, i0 - halo), min(n0, i1 + halo)
+        canvas = _GridCanvas(to_patient, (e0, 0, 0), (e1, n1, n2))
+        for op in anatomy.ops:
+            canvas.apply(op)
+        core = slice(i0 - e0, i1 - e0)
+        label[i0:i1] = canvas.label[core]
+        slab = ndimage.gaussian_filter(canvas.hu, sigma=blur, truncate=truncate, mode="nearest")
+        del canvas
+        drawn = raw_start + len(raw)
+        if e1 > drawn:
+            raw = np.concatenate([raw, noise_rng.standard_normal((e1 - drawn, n1, n2), dtype=np.float32)])
+        raw = raw[e0 - raw_start :]
+        raw_start = e0
+        noise = ndimage.gaussian_filter(raw[: e1 - e0], sigma=corr, truncate=truncate, mode=noise_modes)
+        slab += noise * scale
+        np.rint(slab, out=slab)
+        np.clip(slab, -1024, 3071, out=slab)
+        image[i0:i1] = slab[core]
+    return image, label
 
 
 def _sample(anatomy: _Anatomy, affine: np.ndarray, dims: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -881,10 +1328,97 @@ def _sample(anatomy: _Anatomy, affine: np.ndarray, dims: tuple[int, int, int]) -
     return hu, label
 
 
+VARIETIES = ("clinical", "hard")
+"""Phantom varieties of the liver CT task: ``"clinical"`` (ranges of clinical CT) and ``"hard"`` (the original)."""
+
+
+@dataclass
+class PhantomGeometry:
+    """The grid of a phantom and what was drawn for it, without its voxels.
+
+    Attributes:
+        affine: 4x4 voxel -> RAS+ world matrix, as :attr:`Phantom.affine`.
+        shape: Array shape.
+        info: What was drawn (as :attr:`Phantom.info`, tumours included).
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def _check_phantom_args(seed: int, size: str, variety: str, oblique_deg: float) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if size not in ("demo", "full"):
+        raise UserError(f"size must be 'demo' or 'full', got {size!r}")
+    if variety not in VARIETIES:
+        raise UserError(f"variety must be one of {', '.join(VARIETIES)}, got {variety!r}")
+    if not np.isfinite(oblique_deg):
+        raise UserError(f"oblique_deg must be a finite number of degrees, got {oblique_deg!r}")
+
+
+def _plan_phantom(
+    seed: int,
+    size: str,
+    variety: str,
+    spacing: Sequence[float] | None,
+    axcodes: str | None,
+    shape: Sequence[int] | None,
+    oblique_deg: float,
+) -> tuple[_Anatomy, np.ndarray, tuple[int, int, int], str, float, dict[str, object]]:
+    """Anatomy and grid of a phantom (everything but the voxels)."""
+    _check_phantom_args(seed, size, variety, oblique_deg)
+    if variety == "hard":
+        anatomy = _build_anatomy(np.random.default_rng([int(seed), 1]))
+        affine, dims, codes, thickness = _grid(
+            anatomy, np.random.default_rng([int(seed), 2]), size, spacing, axcodes, shape, oblique_deg
+        )
+        fov_info: dict[str, object] = {}
+    else:
+        anatomy = _build_anatomy(np.random.default_rng([int(seed), 1]), np.random.default_rng([int(seed), 4]))
+        affine, dims, codes, thickness, fov_info = _grid_clinical(
+            anatomy, np.random.default_rng([int(seed), 5]), size, spacing, axcodes, shape, oblique_deg
+        )
+    info = dict(anatomy.info)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    info.update(
+        seed=int(seed),
+        size=size,
+        variety=variety,
+        axcodes=codes,
+        spacing=[round(float(z), 4) for z in zooms],
+        shape=list(dims),
+        oblique_deg=float(oblique_deg),
+        **fov_info,
+    )
+    return anatomy, affine, dims, codes, thickness, info
+
+
+def liver_ct_geometry(
+    seed: int,
+    *,
+    size: str = "demo",
+    variety: str = "hard",
+    spacing: tuple[float, float, float] | None = None,
+    axcodes: str | None = None,
+    shape: tuple[int, int, int] | None = None,
+    oblique_deg: float = 0.0,
+) -> PhantomGeometry:
+    """The grid and drawn parameters of ``liver_ct_phantom`` with the same arguments, without making the voxels.
+
+    Cheap (about 0.1-0.2 s): the anatomy is defined analytically and only a few thousand points are probed to
+    place the tumours. See :func:`liver_ct_phantom` for the arguments.
+    """
+    _, affine, dims, _, _, info = _plan_phantom(seed, size, variety, spacing, axcodes, shape, oblique_deg)
+    return PhantomGeometry(affine=affine, shape=dims, info=info)
+
+
 def liver_ct_phantom(
     seed: int,
     *,
     size: str = "demo",
+    variety: str = "hard",
     spacing: tuple[float, float, float] | None = None,
     axcodes: str | None = None,
     shape: tuple[int, int, int] | None = None,
@@ -892,12 +1426,17 @@ def liver_ct_phantom(
 ) -> Phantom:
     """Make one synthetic contrast-enhanced abdominal CT with liver and liver-tumour labels.
 
-    The anatomy depends on ``seed`` only; the grid arguments change how it is sampled, never what it is.
+    The anatomy depends on ``seed`` (and ``variety``) only; the grid arguments change how it is sampled, never
+    what it is.
 
     Args:
         seed: Non-negative integer; the same seed and arguments give byte-identical arrays.
-        size: ``"demo"`` (whole body in-plane, liver plus a margin in z, matrix <= 320 x 320 x 72) or
-            ``"full"`` (512 x 512, longer z coverage).
+        size: ``"demo"`` (small matrices for a CPU) or ``"full"`` (512 x 512 slices). For the hard variety the
+            demo size covers the liver plus a margin in z (matrix <= 320 x 320 x 72); for the clinical variety it
+            keeps the drawn field of view and coarsens the voxels (matrix <= 192 x 192 x 128).
+        variety: ``"hard"`` (the default here; the original phantoms: liver-sized fields of view, faint lesions,
+            see the module notes) or ``"clinical"`` (fields of view from liver-only to chest-abdomen-pelvis,
+            contrast phases, LiTS-like lesions; see the module notes).
         spacing: Voxel size in mm along each array axis (i, j, k), as in the NIfTI zooms. Default: drawn,
             0.6-1.0 mm in-plane and 1-5 mm between slices, coarsened to respect the demo matrix limits.
         axcodes: Direction each array axis points to, nibabel style (``"RAS"``, ``"LPS"``, ``"SLP"``...).
@@ -912,48 +1451,33 @@ def liver_ct_phantom(
         The phantom: int16 HU image, uint8 label (0 background, 1 liver, 2 tumour) and the voxel -> RAS+ affine.
 
     Raises:
-        UserError: A negative seed, an unknown size, or malformed spacing/axcodes/shape.
+        UserError: A negative seed, an unknown size or variety, or malformed spacing/axcodes/shape.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
-    if size not in ("demo", "full"):
-        raise UserError(f"size must be 'demo' or 'full', got {size!r}")
-    if not np.isfinite(oblique_deg):
-        raise UserError(f"oblique_deg must be a finite number of degrees, got {oblique_deg!r}")
-    anatomy = _build_anatomy(np.random.default_rng([int(seed), 1]))
-    affine, dims, codes, thickness = _grid(
-        anatomy, np.random.default_rng([int(seed), 2]), size, spacing, axcodes, shape, oblique_deg
+    anatomy, affine, dims, codes, thickness, info = _plan_phantom(
+        seed, size, variety, spacing, axcodes, shape, oblique_deg
     )
-    hu, label = _sample(anatomy, affine, dims)
-
     # Partial volume: Gaussian PSF (1 mm FWHM) plus voxel box in-plane; slice profile FWHM = slice spacing.
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     slice_axis = [_AXES[c][0] for c in codes].index(2)
     fwhm = 2.0 * math.sqrt(2.0 * math.log(2.0))
     sigma = [math.sqrt((1.0 / fwhm) ** 2 + z**2 / 12.0) / z for z in zooms]
     sigma[slice_axis] = thickness / fwhm / float(zooms[slice_axis])
-    image = ndimage.gaussian_filter(hu, sigma=sigma, truncate=3.0, mode="nearest")
-
     # Noise, correlated in-plane over about 0.7 mm, scaled to the drawn standard deviation.
     noise_rng = np.random.default_rng([int(seed), 3])
-    noise = noise_rng.standard_normal(dims, dtype=np.float32)
     corr = [0.7 / float(z) for z in zooms]
     corr[slice_axis] = 0.0
+    if variety == "clinical":
+        image16, label = _render_slabbed(anatomy, affine, dims, sigma, corr, noise_rng)
+        return Phantom(image=image16, label=label, affine=affine, info=info)
+
+    hu, label = _sample(anatomy, affine, dims)
+    image = ndimage.gaussian_filter(hu, sigma=sigma, truncate=3.0, mode="nearest")
+    noise = noise_rng.standard_normal(dims, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, sigma=corr, truncate=3.0, mode="wrap")
     noise *= np.float32(anatomy.noise_sd / max(float(noise.std()), 1e-6))
     image += noise
     np.rint(image, out=image)
     np.clip(image, -1024, 3071, out=image)
-
-    info = dict(anatomy.info)
-    info.update(
-        seed=int(seed),
-        size=size,
-        axcodes=codes,
-        spacing=[round(float(z), 4) for z in zooms],
-        shape=list(dims),
-        oblique_deg=float(oblique_deg),
-    )
     return Phantom(image=image.astype(np.int16), label=label, affine=affine, info=info)
 
 
@@ -993,13 +1517,14 @@ def write_dataset(
     seed: int = 0,
     size: str = "demo",
     n_test: int = 0,
+    variety: str = "clinical",
 ) -> Path:
     """Write synthetic cases in the Medical Segmentation Decathlon layout.
 
     Cases ``0 .. n-1`` go to ``imagesTr``/``labelsTr`` and cases ``n .. n+n_test-1`` to ``imagesTs`` with their
     labels in ``labelsTs`` (so held-out cases can be scored), named ``liver_XXX.nii.gz``. Case ``i`` is
-    ``liver_ct_phantom(case_seed(seed, i), size=size)``. Every file is written under a temporary name and
-    renamed when complete; ``dataset.json`` is written last. Files of earlier runs with other names are left.
+    ``liver_ct_phantom(case_seed(seed, i), size=size, variety=variety)``. Every file is written under a temporary
+    name and renamed when complete; ``dataset.json`` is written last. Files of earlier runs with other names are left.
 
     The ``cells`` task writes 2D PNGs instead: ``images/cell_XXX.png`` (16-bit fluorescence counts),
     ``labels/cell_XXX.png`` (8-bit, 0 background, 1 cell, touching borders separated) and
@@ -1014,17 +1539,20 @@ def write_dataset(
         seed: Dataset seed.
         size: ``"demo"`` or ``"full"``, see :func:`liver_ct_phantom`.
         n_test: Number of held-out cases.
+        variety: ``"clinical"`` (default) or ``"hard"``, see :func:`liver_ct_phantom` (liver_ct only).
 
     Returns:
         Path of the written ``dataset.json``.
 
     Raises:
-        UserError: Unknown task or size, or negative counts.
+        UserError: Unknown task, size or variety, or negative counts.
     """
     if task not in TASKS:
         raise UserError(f"unknown synthetic task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
     if size not in ("demo", "full"):
         raise UserError(f"size must be 'demo' or 'full', got {size!r}")
+    if variety not in VARIETIES:
+        raise UserError(f"variety must be one of {', '.join(VARIETIES)}, got {variety!r}")
     if n < 0 or n_test < 0 or n + n_test == 0:
         raise UserError(f"need n >= 0 and n_test >= 0 with at least one case, got n={n}, n_test={n_test}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -1039,7 +1567,7 @@ def write_dataset(
 
     training, test = [], []
     for index in range(n + n_test):
-        phantom = liver_ct_phantom(case_seed(seed, index), size=size)
+        phantom = liver_ct_phantom(case_seed(seed, index), size=size, variety=variety)
         name = f"{prefix}_{index:03d}.nii.gz"
         split = "Tr" if index < n else "Ts"
         _atomic_save(_nifti(phantom.image, phantom.affine), folders[f"images{split}"] / name)
@@ -1062,7 +1590,12 @@ def write_dataset(
         "numTest": n_test,
         "training": training,
         "test": test,
-        "synthetic": {"generator": "volseg.data.synth.liver_ct_phantom", "seed": int(seed), "size": size},
+        "synthetic": {
+            "generator": "volseg.data.synth.liver_ct_phantom",
+            "seed": int(seed),
+            "size": size,
+            "variety": variety,
+        },
     }
     return write_text_atomic(root / "dataset.json", json.dumps(dataset, indent=2) + "\n")
 
