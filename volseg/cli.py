@@ -52,7 +52,9 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="recipe YAML")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="recipe YAML (default: plan one from --data)")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="data folder or CSV (default: the recipe's data.root)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run's last checkpoint")] = False,
@@ -62,10 +64,20 @@ def train(
     nproc_per_node: Annotated[
         int, typer.Option("--nproc-per-node", min=1, help="processes to spawn (one per GPU; gloo on CPU)")
     ] = 1,
+    time_budget: Annotated[
+        str | None, typer.Option("--time-budget", help="without --config: training time to plan for, e.g. 20m")
+    ] = None,
 ) -> None:
-    """Train a recipe; the run folder becomes a MONAI bundle."""
+    """Train a recipe; the run folder becomes a MONAI bundle. Without --config, a recipe is planned from --data."""
     from volseg.recipe import load_recipe
 
+    if config is None:
+        if data is None:
+            raise UserError("give --config RECIPE, or --data DIR to plan a recipe from the data", "--config")
+        from volseg.plan import default_name, plan_for_training
+
+        out = out or Path("runs") / default_name(data)
+        config = plan_for_training(data, out, resume=resume, device=device, time_budget=time_budget, echo=_echo)
     recipe = load_recipe(config, set_ or [])
     root = data or (Path(recipe.data.root) if recipe.data.root else None)
     if root is None:
@@ -112,6 +124,26 @@ def _check_before_training(recipe: object, root: Path) -> None:
             root,
         )
     _echo(f"data check: {report.n_cases} cases, {len(report.warnings)} warning(s)")
+
+
+@app.command()
+def plan(
+    data: Annotated[Path, typer.Option(help="data folder or CSV (MSD, images/ + labels/, CSV)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="recipe to write; NAME.fingerprint.json goes beside it")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda: the device to plan for")] = "auto",
+    memory_gb: Annotated[
+        float | None, typer.Option("--memory-gb", help="memory target in GB (default: the GPU's; on cpu half the RAM)")
+    ] = None,
+    time_budget: Annotated[
+        str | None, typer.Option("--time-budget", help="training time to plan for, e.g. 20m, 1.5h")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="recipe name (default: the data set's)")] = None,
+) -> None:
+    """Plan a recipe from a data set: its fingerprint, then every decision with the reason in a comment."""
+    _quiet_libraries()
+    from volseg.plan import run_plan
+
+    run_plan(data, out, device=device, memory_gb=memory_gb, time_budget=time_budget, name=name, echo=_echo)
 
 
 @app.command()

@@ -1,0 +1,311 @@
+"""The planner: its decisions on small synthetic fingerprints, the YAML it writes, and `volseg plan` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from volseg import plan as P
+from volseg.cli import main
+from volseg.errors import UserError
+from volseg.recipe import load_recipe, recipe_from_dict
+
+
+def _label(name: str, fraction: float, diameter_mm: float, n_cases: int, objects: int = 1) -> dict[str, Any]:
+    return {
+        "name": name,
+        "voxel_fraction": fraction,
+        "cases_present": n_cases,
+        "objects_per_case_max": objects,
+        "objects_per_case_median": float(objects),
+        "object_diameter_mm": {"median": diameter_mm, "p10": 0.8 * diameter_mm, "min": 0.5 * diameter_mm},
+    }
+
+
+def make_fp(
+    spacings: list[tuple[float, ...]],
+    shapes: list[tuple[int, ...]],
+    *,
+    kept: float = 1.0,
+    channels: int = 1,
+    hu: bool = False,
+    labels: dict[str, Any] | None = None,
+    channel_names: list[str] | None = None,
+    modality: str | None = None,
+) -> dict[str, Any]:
+    """A fingerprint as :func:`volseg.plan.fingerprint` writes it; ``kept`` is the volume fraction that cropping to
+    the nonzero region keeps."""
+    nd = len(shapes[0])
+    cases = [
+        {
+            "case": f"case{i}",
+            "spacing": list(sp),
+            "shape": list(sh),
+            "cropped_shape": [max(1, round(s * kept ** (1 / nd))) for s in sh],
+        }
+        for i, (sp, sh) in enumerate(zip(spacings, shapes, strict=True))
+    ]
+    if hu:
+        ch = {"mean": 100.0, "std": 40.0, "p00_5": -60.0, "p99_5": 240.0, "image_p00_5": -1000.0, "image_min": -1024.0}
+    else:
+        ch = {"mean": 300.0, "std": 80.0, "p00_5": 20.0, "p99_5": 900.0, "image_p00_5": 0.0, "image_min": 0.0}
+    n = len(cases)
+    return {
+        "version": 1,
+        "name": "test",
+        "spatial_dims": nd,
+        "n_channels": channels,
+        "channel_names": channel_names,
+        "modality": modality,
+        "n_cases": n,
+        "cases": cases,
+        "channels": [{"name": f"channel_{c}", **ch} for c in range(channels)],
+        "labels": labels or {"0": {"name": "background", "voxel_fraction": 0.9}, "1": _label("organ", 0.1, 80.0, n)},
+    }
+
+
+def constant_timer(seconds: float = 0.5) -> P.StepTimer:
+    return lambda model, patch, batch: seconds
+
+
+def plan(fp: dict[str, Any], **kw: Any) -> P.Plan:
+    kw.setdefault("step_timer", constant_timer())
+    kw.setdefault("device", "cuda")
+    if kw["device"] == "cuda":
+        kw.setdefault("memory_gb", 8.0)
+    result = P.plan_recipe(fp, **kw)
+    recipe_from_dict(result.recipe)  # a plan is a recipe
+    return result
+
+
+def commented_keys(text: str) -> set[str]:
+    """Dotted keys of the YAML text that have a comment line directly above them."""
+    found, stack, prev_comment = set(), [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            prev_comment = True
+            continue
+        if not stripped:
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        key = stripped.split(":", 1)[0].strip('"')
+        stack = stack[:depth] + [key]
+        if prev_comment:
+            found.add(".".join(stack))
+        prev_comment = False
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decisions
+
+
+def test_isotropic_ct() -> None:
+    fp = make_fp([(0.8, 0.8, 1.0)] * 6 + [(0.7, 0.7, 1.0)] * 4, [(512, 512, 200)] * 10, hu=True, kept=0.7)
+    spacing, why = P.determine_target_spacing(fp)
+    assert spacing == [0.8, 0.8, 1.0] and "median" in why
+    result = plan(fp)
+    data, model, train = result.recipe["data"], result.recipe["model"], result.recipe["train"]
+    assert data["modality"] == "CT" and "Hounsfield" in result.reasons["data.modality"]
+    assert data["intensity"] == {"a_min": -60.0, "a_max": 240.0}  # the foreground's 0.5 / 99.5 percentiles
+    assert data["orientation"] == "RAS"
+    assert model["args"]["strides"] == [2] * len(model["args"]["strides"]) and "kernel_size" not in model["args"]
+    assert len(model["args"]["channels"]) == len(model["args"]["strides"]) + 1 <= P.MAX_DEPTH + 1
+    assert model["args"]["channels"][0] == 32 and max(model["args"]["channels"]) <= 320
+    depth = len(model["args"]["strides"])
+    assert all(p % 2**depth == 0 for p in train["patch_size"])
+    batch = train["batch_size"] * train["samples_per_volume"]
+    assert batch >= 2
+    strides = [[2, 2, 2]] * depth
+    need = P.estimate_training_bytes(train["patch_size"], strides, model["args"]["channels"], 1, 2, batch)
+    assert need + P.RESERVED_BYTES["cuda"] <= 8e9
+
+
+def test_anisotropic_mr_skips_the_thick_axis_first() -> None:
+    fp = make_fp([(0.9, 0.9, 5.0)] * 10, [(256, 256, 30)] * 10, kept=0.5, channel_names=["T2"], modality="MR")
+    spacing, _ = P.determine_target_spacing(fp)
+    assert spacing == [0.9, 0.9, 5.0]  # every case is 5 mm thick: the 10th percentile is 5 mm too
+    strides, kernels, why = P.determine_topology([192, 192, 32], spacing)
+    assert strides[0] == [2, 2, 1] and strides[1] == [2, 2, 1]  # z waits until x and y catch up (3.6 vs 5 mm)
+    assert strides[2] == [2, 2, 2]
+    assert kernels[0] == [3, 3, 1] and kernels[1] == [3, 3, 1] and kernels[2] == [3, 3, 3]
+    assert "axis 2 not down-sampled" in why
+    result = plan(fp)
+    assert result.recipe["data"]["intensity"] == {"nonzero": True}  # cropping keeps half the volume
+    first = result.recipe["model"]["args"]["strides"][0]
+    assert first == [2, 2, 1]
+    assert result.decisions["kernels_per_level"][0] == [3, 3, 1]
+
+
+def test_anisotropic_target_spacing_takes_the_10th_percentile() -> None:
+    fp = make_fp([(0.9, 0.9, 5.0)] * 8 + [(0.9, 0.9, 2.5)] * 2, [(256, 256, 30)] * 10)
+    spacing, why = P.determine_target_spacing(fp)
+    assert spacing == [0.9, 0.9, 2.5] and "10th percentile" in why
+    # Thick slices but as many voxels along z as in-plane: nnU-Net's rule does not apply, the median stays.
+    fp = make_fp([(0.9, 0.9, 5.0)] * 8 + [(0.9, 0.9, 2.5)] * 2, [(256, 256, 200)] * 10)
+    spacing, why = P.determine_target_spacing(fp)
+    assert spacing == [0.9, 0.9, 5.0] and "10th percentile" not in why
+
+
+def test_2d_pixel_data() -> None:
+    fp = make_fp([(1.0, 1.0)] * 6, [(600, 400)] * 6)
+    result = plan(fp, device="cpu", time_budget_s=1200)
+    r = result.recipe
+    assert r["model"]["spatial_dims"] == 2 and len(r["train"]["patch_size"]) == 2
+    assert r["data"]["spacing"] is None and r["data"]["orientation"] is None
+    assert r["model"]["args"]["channels"][0] == 16  # smaller on a CPU
+    assert max(r["model"]["args"]["channels"]) <= 256
+    assert all(p <= 640 for p in r["train"]["patch_size"])
+
+
+def test_multichannel_mr() -> None:
+    names = ["FLAIR", "T1w", "T1gd", "T2w"]
+    fp = make_fp([(1.0, 1.0, 1.0)] * 5, [(240, 240, 155)] * 5, channels=4, kept=0.4, channel_names=names)
+    fp["modality"] = None
+    modality, _ = P.determine_modality({**fp, "modality": "MR"})
+    assert modality == "MR"
+    result = plan({**fp, "modality": "MR"}, device="cpu", time_budget_s=3600)
+    r = result.recipe
+    assert r["model"]["in_channels"] == 4 and r["data"]["modality"] == "MR"
+    assert r["data"]["intensity"] == {"nonzero": True}
+    assert "per channel" in result.reasons["data.intensity"]
+    # Without dataset.json and with MR-like intensities: per-case z-score too, never a CT window.
+    assert "a_min" not in plan(fp, device="cpu").recipe["data"]["intensity"]
+
+
+def test_small_objects_and_large_images_are_flagged() -> None:
+    labels = {
+        "0": {"name": "background", "voxel_fraction": 0.95},
+        "1": _label("liver", 0.05, 150.0, 8),
+        "2": _label("lesion", 0.0005, 4.0, 8, objects=5),
+    }
+    fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=labels)
+    result = plan(fp)
+    cascade = result.decisions["cascade"]
+    assert "lesion" in cascade["small_labels"] and "liver" not in cascade["small_labels"]
+    assert cascade["coverage"] < P.CASCADE_COVERAGE and cascade["stages"] == 2
+    assert all(lo > t for lo, t in zip(cascade["low_res_spacing"], result.recipe["data"]["spacing"], strict=True))
+    assert cascade["applied"] is False
+    assert result.recipe["train"]["sampler"] == "class_balanced"
+    assert any("Cascade" in h and "lesion" in h for h in result.header)
+    # A single object per case gets largest-component filtering; a label with several objects does not.
+    assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
+
+
+def test_time_budget_sets_the_epochs() -> None:
+    fp = make_fp([(1.0, 1.0, 1.0)] * 10, [(128, 128, 128)] * 10)
+    kw = {"step_seconds": 0.5, "patch": [96, 96, 96], "spacing": [1.0, 1.0, 1.0], "val_fraction": 0.2}
+    short, why = P.determine_schedule(fp, budget_seconds=P.parse_duration("20m"), **kw)
+    long, _ = P.determine_schedule(fp, budget_seconds=P.parse_duration("2h"), **kw)
+    iters = (1200 * (1 - P.VALIDATION_SHARE) - P.FIXED_SECONDS) / (0.5 * P.LOADING_OVERHEAD)
+    assert short["max_epochs"] * short["iterations_per_epoch"] <= iters
+    assert short["max_epochs"] * short["iterations_per_epoch"] >= iters - short["iterations_per_epoch"]
+    assert long["max_epochs"] * long["iterations_per_epoch"] > 5 * short["max_epochs"] * short["iterations_per_epoch"]
+    assert short["iterations_per_epoch"] <= 250 and short["max_epochs"] >= 20
+    assert "20 min" in why
+    none, why = P.determine_schedule(fp, budget_seconds=None, **kw)
+    assert none == {"max_epochs": 1000, "iterations_per_epoch": 250, "val_interval": 10} and "nnU-Net" in why
+    with pytest.raises(UserError):
+        P.determine_schedule(fp, budget_seconds=30, **kw)
+
+
+def test_cpu_budget_shrinks_a_slow_patch() -> None:
+    fp = make_fp([(1.0, 1.0, 1.0)] * 6, [(160, 160, 160)] * 6)
+    timed: list[tuple[int, ...]] = []
+
+    def timer(model: dict[str, Any], patch: tuple[int, ...], batch: int) -> float:
+        timed.append(patch)
+        return float(np.prod(patch)) / 2e5  # seconds grow with the patch volume
+
+    result = plan(fp, device="cpu", time_budget_s=600, step_timer=timer)
+    assert len(timed) >= 2 and np.prod(timed[-1]) < np.prod(timed[0])
+    assert list(timed[-1]) == result.recipe["train"]["patch_size"]
+    assert "halved" in result.reasons["train.patch_size"]
+
+
+def test_parse_duration() -> None:
+    assert P.parse_duration("20m") == 1200 and P.parse_duration("1h30m") == 5400
+    assert P.parse_duration("90") == 90 and P.parse_duration("1.5h") == 5400
+    with pytest.raises(UserError):
+        P.parse_duration("soon")
+
+
+def test_yaml_round_trip_and_a_comment_on_every_decision() -> None:
+    labels = {
+        "0": {"name": "background", "voxel_fraction": 0.9},
+        "255": _label("Left Atrium: wall", 0.1, 40.0, 4),  # gaps in the values, and a name needing quotes
+    }
+    result = plan(make_fp([(1.25, 1.25, 2.5)] * 4, [(160, 160, 90)] * 4, labels=labels), device="cpu")
+    text = P.recipe_yaml(result)
+    assert yaml.safe_load(text) == result.recipe
+    assert result.recipe["data"]["label_map"] == {255: 1}
+    missing = set(result.reasons) - commented_keys(text)
+    assert not missing
+    assert all(len(line) <= 120 for line in text.splitlines())
+
+
+# --------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def _phantoms(root: Path, n: int = 4) -> Path:
+    from volseg.data.synth import liver_ct_phantom
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(n):
+        ph = liver_ct_phantom(i, shape=(40, 40, 24))
+        nib.save(nib.Nifti1Image(ph.image, ph.affine), root / "images" / f"case{i}.nii.gz")
+        nib.save(nib.Nifti1Image(ph.label, ph.affine), root / "labels" / f"case{i}.nii.gz")
+    return root
+
+
+def test_fingerprint_of_phantoms(tmp_path: Path) -> None:
+    fp = P.fingerprint_dataset(_phantoms(tmp_path / "ds"))
+    assert fp["n_cases"] == 4 and fp["spatial_dims"] == 3 and fp["n_channels"] == 1
+    assert set(fp["labels"]) == {"0", "1", "2"}
+    assert all(len(c["spacing"]) == 3 and c["shape"] for c in fp["cases"])
+    assert fp["labels"]["1"]["objects_per_case_max"] == 1
+    assert P.determine_modality(fp)[0] == "CT"  # HU-like intensities, no dataset.json
+    ch = fp["channels"][0]
+    assert ch["p00_5"] < ch["mean"] < ch["p99_5"]
+
+
+def test_volseg_plan_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(P, "measure_step_seconds", lambda *a, **k: 0.05)
+    data = _phantoms(tmp_path / "liver")
+    out = tmp_path / "configs" / "liver.yaml"
+    rc = main(["plan", "--data", str(data), "-o", str(out), "--device", "cpu", "--time-budget", "10m"])
+    assert rc == 0
+    recipe = load_recipe(out)
+    assert recipe.name == "liver" and recipe.data.modality == "CT"
+    fp_path = tmp_path / "configs" / "liver.fingerprint.json"
+    fp = json.loads(fp_path.read_text())
+    assert fp["n_cases"] == 4 and "cascade" in fp["plan"]
+    missing = set(fp["plan"]["reasons"]) - commented_keys(out.read_text())
+    assert not missing
+    assert main(["check-recipe", str(out)]) == 0
+
+
+def test_train_without_config_needs_data() -> None:
+    assert main(["train"]) == 2
+
+
+@pytest.mark.slow
+def test_train_plans_when_no_recipe_is_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _phantoms(tmp_path / "liver")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--device", "cpu", "--time-budget", "5m"]
+    args += ["--set", "train.max_epochs=1", "--set", "train.iterations_per_epoch=2", "--set", "train.num_workers=0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"recipe: {run / P.PLAN_FILE}" in printed
+    assert (run / P.PLAN_FILE).is_file() and (run / "volseg_plan.fingerprint.json").is_file()
+    assert (run / "models" / "model.pt").is_file()

@@ -1,0 +1,1283 @@
+"""Planning: a data set's fingerprint, and from it a recipe whose every decision says why.
+
+The structure and the rules follow nnU-Net v2's experiment planner: a fingerprint of the data set (per case the
+spacing, the shape and the shape after cropping to the nonzero region; per channel the foreground intensity
+statistics; per label the voxel fraction and the connected objects), then one ``determine_*`` function per
+decision, each returning ``(value, reason)``. What nnU-Net lacks is added: the plan is made for a device (a GPU
+with a memory target, or the CPU), and for a time budget, from a measured training step.
+
+The result is an ordinary recipe (the schema in :mod:`volseg.recipe` is the one contract), written as YAML with a
+comment above every decided field, and the fingerprint is written as JSON beside it
+(``NAME.yaml`` -> ``NAME.fingerprint.json``).
+
+The recipe schema has one network stage. When nnU-Net would plan a low-resolution stage and a cascade, the plan
+says so (in the recipe's header and in the fingerprint's ``plan.cascade``) and trains the full-resolution stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volseg.errors import UserError
+
+__all__ = [
+    "Plan",
+    "determine_augmentation",
+    "determine_batch_size",
+    "determine_cascade",
+    "determine_crop",
+    "determine_normalization",
+    "determine_orientation",
+    "determine_patch_size",
+    "determine_postprocess",
+    "determine_sampling",
+    "determine_schedule",
+    "determine_target_spacing",
+    "determine_topology",
+    "determine_widths",
+    "estimate_training_bytes",
+    "fingerprint",
+    "fingerprint_dataset",
+    "measure_step_seconds",
+    "parse_duration",
+    "plan_recipe",
+    "recipe_yaml",
+    "write_plan",
+]
+
+FINGERPRINT_VERSION = 1
+#: Foreground voxels sampled per case and channel for the intensity statistics (nnU-Net samples 10,000).
+VOXELS_PER_CASE = 10_000
+#: nnU-Net's anisotropy threshold: an axis whose spacing is more than 3x the others' is treated apart.
+ANISOTROPY_THRESHOLD = 3.0
+#: An axis is not down-sampled while its spacing is more than 2x the finest one (nnU-Net).
+POOL_SPACING_RATIO = 2.0
+#: Down-sampling stops when an axis would fall below this many voxels (nnU-Net: 4).
+MIN_FEATURE_MAP = 4
+MAX_DEPTH = 5
+#: Cropping to the nonzero region must keep less than this fraction of the median volume for the MR z-score to be
+#: computed inside the nonzero mask (nnU-Net: 3/4).
+NONZERO_MASK_SHRINK = 0.75
+#: A patch covering less than this fraction of the median image calls for a coarse stage (nnU-Net: 1/4).
+CASCADE_COVERAGE = 0.25
+#: An object narrower than this many voxels at the target spacing counts as small.
+SMALL_OBJECT_VOXELS = 6.0
+#: Bytes kept for the backward pass per feature-map element (float32, about 12 tensors per element for MONAI's
+#: residual U-Net: convolution, normalisation and activation outputs of two sub-units, the concatenation,
+#: the up-convolution); AMP keeps about 60% of that.
+ACTIVATION_BYTES = 4 * 12
+AMP_FACTOR = 0.6
+#: Memory not available to the training step: the CUDA context and allocator slack, the Python process on a CPU.
+RESERVED_BYTES = {"cuda": 1.5e9, "cpu": 1.0e9}
+#: nnU-Net's reference GPU memory target when the GPU cannot be asked.
+DEFAULT_GPU_GB = 8.0
+#: On a CPU the activations are kept this small (the step time, not the RAM, is what limits).
+CPU_ACTIVATION_GB = 2.0
+#: Share of the time budget left for validation, and the fixed start-up and bundle-export cost (s).
+VALIDATION_SHARE = 0.1
+FIXED_SECONDS = 60.0
+#: Data loading and augmentation on top of the measured network step.
+LOADING_OVERHEAD = 1.25
+#: On a CPU with a time budget the patch shrinks (re-measured) until the budget gives this many iterations.
+MIN_ITERATIONS = 500
+
+Reason = str
+Fingerprint = dict[str, Any]
+StepTimer = Callable[[dict[str, Any], tuple[int, ...], int], float]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def _dataset_meta(root: Path) -> dict[str, Any]:
+    """Modality, channel names and label names from an MSD or nnU-Net ``dataset.json`` (empty when absent)."""
+    js = root / "dataset.json" if root.is_dir() else None
+    if js is None or not js.is_file():
+        return {}
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Any] = {"name": meta.get("name")}
+    channels = meta.get("modality") or meta.get("channel_names") or {}
+    if isinstance(channels, dict):
+        out["channels"] = [str(channels[k]) for k in sorted(channels, key=lambda k: int(k) if str(k).isdigit() else 0)]
+    labels = meta.get("labels")
+    if isinstance(labels, dict):
+        names: dict[int, str] = {}
+        for k, v in labels.items():
+            if str(k).isdigit():  # MSD: {"0": "background"}
+                names[int(k)] = str(v)
+            elif isinstance(v, int):  # nnU-Net v2: {"background": 0}
+                names[v] = str(k)
+        out["labels"] = names
+    return out
+
+
+def _ras_order(affine: np.ndarray, nd: int) -> list[int]:
+    """For each stored axis, the world axis (R, A, S) it runs along most; the identity when that is ambiguous."""
+    if nd != 3:
+        return list(range(nd))
+    order = [int(np.argmax(np.abs(affine[:3, i]))) for i in range(3)]
+    return order if sorted(order) == [0, 1, 2] else [0, 1, 2]
+
+
+def _nonzero_shape(image: np.ndarray, nd: int) -> list[int]:
+    mask = image != 0
+    if mask.ndim > nd:
+        mask = mask.any(axis=tuple(range(nd, mask.ndim)))
+    if not mask.any():
+        return list(mask.shape)
+    out = []
+    for axis in range(nd):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(nd) if a != axis)))
+        out.append(int(hit[-1] - hit[0] + 1))
+    return out
+
+
+def _objects(label: np.ndarray, value: int, spacing: Sequence[float]) -> list[float]:
+    """Equivalent diameters (mm) of the connected objects of one label value."""
+    from scipy import ndimage
+
+    comp, n = ndimage.label(label == value)
+    if n == 0:
+        return []
+    sizes = np.bincount(comp.ravel())[1:].astype(np.float64) * float(np.prod(spacing))
+    if label.ndim == 3:
+        return [float(d) for d in np.cbrt(6.0 * sizes / math.pi)]
+    return [float(d) for d in np.sqrt(4.0 * sizes / math.pi)]
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # The data check's reader: header first, every format volseg reads, one-line errors.
+    from volseg.data.checks import _open
+
+    vol = _open(path)
+    array = vol.voxels()
+    if vol.scaling is not None:
+        slope, inter = vol.scaling
+        array = array.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    return array, vol.affine
+
+
+def fingerprint(
+    cases: Sequence[dict[str, str]],
+    *,
+    max_voxels: int = VOXELS_PER_CASE,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> Fingerprint:
+    """The data set's fingerprint, reading one case at a time.
+
+    Args:
+        cases: ``{"image", "label"}`` paths (as :func:`volseg.data.datalist.load_datalist` gives them).
+        max_voxels: foreground voxels sampled per case and channel (and as many from the whole image), which bounds
+            the memory of the intensity statistics.
+        seed: seed of the voxel sampling.
+        meta: what ``dataset.json`` says (modality, channel and label names), if anything.
+        echo: progress lines.
+
+    Returns:
+        A JSON-ready dict: ``spatial_dims``, ``n_channels``, ``modality`` and ``channel_names`` (None when not
+        given), ``cases`` (per case, in RAS axis order for 3D: ``spacing``, ``shape``, ``cropped_shape``),
+        ``channels`` (foreground ``mean``, ``std``, ``p00_5``, ``p99_5``, and ``image_p00_5`` over the whole
+        image), ``labels`` (per value: ``name``, ``voxel_fraction``, ``cases_present``, ``objects_per_case_max``,
+        ``object_diameter_mm`` median, p10 and min).
+    """
+    meta = meta or {}
+    rng = np.random.default_rng(seed)
+    per_case: list[dict[str, Any]] = []
+    fg_samples: list[list[np.ndarray]] = []
+    all_samples: list[list[np.ndarray]] = []
+    label_stats: dict[int, dict[str, Any]] = {}
+    nd_seen: int | None = None
+    n_channels = 1
+    total_voxels = 0
+    for i, case in enumerate(cases):
+        image, affine = _read(Path(case["image"]))
+        label, _ = _read(Path(case["label"]))
+        label = np.squeeze(label) if label.ndim > 2 else label
+        nd = label.ndim
+        if nd not in (2, 3):
+            raise UserError(f"a label must be 2D or 3D, this one has shape {label.shape}", case["label"])
+        if nd_seen is None:
+            nd_seen = nd
+            n_channels = int(np.prod(image.shape[nd:])) if image.ndim > nd else 1
+        elif nd != nd_seen:
+            raise UserError(f"the labels mix {nd_seen}D and {nd}D", case["label"])
+        if tuple(image.shape[:nd]) != tuple(label.shape):
+            raise UserError(f"image shape {image.shape} does not match label shape {label.shape}", case["image"])
+        chans = image.reshape(image.shape[:nd] + (-1,)) if image.ndim > nd else image[..., None]
+        if chans.shape[-1] != n_channels:
+            raise UserError(f"{chans.shape[-1]} channel(s), the first case has {n_channels}", case["image"])
+        spacing = np.sqrt((affine[:nd, :nd] ** 2).sum(axis=0)) if nd == 3 else np.sqrt((affine[:2, :2] ** 2).sum(0))
+        order = _ras_order(affine, nd)
+        ras = [0] * nd
+        for stored, world in enumerate(order):
+            ras[world] = stored
+        cropped = _nonzero_shape(chans, nd)
+        per_case.append(
+            {
+                "case": Path(case["image"]).name,
+                "spacing": [round(float(spacing[a]), 6) for a in ras],
+                "shape": [int(label.shape[a]) for a in ras],
+                "cropped_shape": [int(cropped[a]) for a in ras],
+            }
+        )
+        fg = np.flatnonzero(label.ravel() > 0)
+        pick_fg = rng.choice(fg, min(max_voxels, fg.size), replace=False) if fg.size else fg
+        pick_all = rng.integers(0, label.size, min(max_voxels, label.size))
+        flat = chans.reshape(-1, n_channels)
+        if not fg_samples:
+            fg_samples = [[] for _ in range(n_channels)]
+            all_samples = [[] for _ in range(n_channels)]
+        for c in range(n_channels):
+            fg_samples[c].append(np.asarray(flat[pick_fg, c], dtype=np.float64))
+            all_samples[c].append(np.asarray(flat[pick_all, c], dtype=np.float64))
+        values = label.astype(np.int64, copy=False)
+        if values.min() < 0:
+            raise UserError("label values must not be negative", case["label"])
+        counts = np.bincount(values.ravel())
+        total_voxels += label.size
+        for value in np.flatnonzero(counts):
+            stats = label_stats.setdefault(int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": []})
+            stats["voxels"] += int(counts[value])
+            if value == 0:
+                continue
+            diam = _objects(values, int(value), spacing)
+            stats["cases"] += 1
+            stats["objects"].extend(diam)
+            stats["per_case"].append(len(diam))
+        del image, label, chans, values
+        if echo is not None:
+            echo(f"fingerprint: case {i + 1}/{len(cases)} {Path(case['image']).name}")
+    if not per_case:
+        raise UserError("no cases to fingerprint")
+    channel_names = meta.get("channels")
+    channels = []
+    for c in range(n_channels):
+        fgv = np.concatenate(fg_samples[c]) if fg_samples[c] else np.zeros(0)
+        allv = np.concatenate(all_samples[c])
+        src = fgv if fgv.size else allv
+        channels.append(
+            {
+                "name": channel_names[c] if channel_names and c < len(channel_names) else f"channel_{c}",
+                "mean": float(src.mean()),
+                "std": float(src.std()),
+                "p00_5": float(np.percentile(src, 0.5)),
+                "p99_5": float(np.percentile(src, 99.5)),
+                "image_p00_5": float(np.percentile(allv, 0.5)),
+                "image_min": float(allv.min()),
+            }
+        )
+    names = meta.get("labels") or {}
+    labels: dict[str, dict[str, Any]] = {}
+    for value in sorted(label_stats):
+        s = label_stats[value]
+        entry: dict[str, Any] = {
+            "name": names.get(value, "background" if value == 0 else f"label_{value}"),
+            "voxel_fraction": s["voxels"] / total_voxels,
+        }
+        if value:
+            obj = np.asarray(s["objects"])
+            entry.update(
+                {
+                    "cases_present": s["cases"],
+                    "objects_per_case_max": int(max(s["per_case"])),
+                    "objects_per_case_median": float(np.median(s["per_case"])),
+                    "object_diameter_mm": {
+                        "median": float(np.median(obj)),
+                        "p10": float(np.percentile(obj, 10)),
+                        "min": float(obj.min()),
+                    },
+                }
+            )
+        labels[str(value)] = entry
+    modality = None
+    if channel_names and len(channel_names) == 1 and channel_names[0].upper() == "CT":
+        modality = "CT"
+    elif channel_names:
+        modality = "MR" if any(n.upper() in ("MR", "MRI", "T1", "T2", "FLAIR", "T1W", "T2W", "T1GD", "ADC", "DWI")
+                               for n in channel_names) else "other"  # fmt: skip
+    return {
+        "version": FINGERPRINT_VERSION,
+        "name": meta.get("name"),
+        "spatial_dims": nd_seen,
+        "n_channels": n_channels,
+        "channel_names": channel_names,
+        "modality": modality,
+        "n_cases": len(per_case),
+        "max_voxels_per_case": max_voxels,
+        "cases": per_case,
+        "channels": channels,
+        "labels": labels,
+    }
+
+
+def fingerprint_dataset(
+    root: str | Path, source: str = "auto", *, echo: Callable[[str], None] | None = None
+) -> Fingerprint:
+    """:func:`fingerprint` of a data folder or CSV in any layout volseg reads (dataset.json read when present)."""
+    from volseg.data.datalist import load_datalist
+
+    root = Path(root)
+    cases = load_datalist(root, source)
+    meta = _dataset_meta(root)
+    fp = fingerprint(cases, meta=meta, echo=echo)
+    fp["root"] = str(root)
+    if not fp.get("name"):
+        fp["name"] = (root.stem if root.is_file() else root.resolve().name) or "dataset"
+    return fp
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decisions: each returns (value, reason)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in values)
+
+
+def _median(fp: Fingerprint, key: str) -> np.ndarray:
+    return np.median(np.asarray([c[key] for c in fp["cases"]], dtype=np.float64), axis=0)
+
+
+def _pixel_data(fp: Fingerprint) -> bool:
+    """2D data without a physical grid (every spacing 1): PNG/TIFF pixels."""
+    return fp["spatial_dims"] == 2 and all(np.allclose(c["spacing"], 1.0) for c in fp["cases"])
+
+
+def determine_target_spacing(fp: Fingerprint) -> tuple[list[float] | None, Reason]:
+    """nnU-Net's rule: the median spacing; when one axis is both > 3x coarser than the others and has < 1/3 of their
+    voxels, that axis takes the 10th percentile of its spacings (never finer than the other axes)."""
+    if _pixel_data(fp):
+        return None, "2D pixel data (every spacing is 1): no physical grid, no resampling"
+    spacings = np.asarray([c["spacing"] for c in fp["cases"]], dtype=np.float64)
+    shapes = np.asarray([c["shape"] for c in fp["cases"]], dtype=np.float64)
+    target = np.median(spacings, axis=0)
+    size = np.median(shapes, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    aniso_spacing = target[worst] > ANISOTROPY_THRESHOLD * min(target[others])
+    aniso_voxels = size[worst] * ANISOTROPY_THRESHOLD < min(size[others])
+    reason = f"median spacing of {len(spacings)} cases ({_fmt(np.round(target, 4))} mm)"
+    if aniso_spacing and aniso_voxels:
+        p10 = float(np.percentile(spacings[:, worst], 10))
+        p10 = max(p10, float(max(target[others])) + 1e-5)
+        if p10 < target[worst]:
+            reason += (
+                f"; axis {worst} is > {ANISOTROPY_THRESHOLD:g}x coarser than the others with < 1/3 of their voxels, "
+                f"so it takes the 10th percentile of its spacings, {p10:.4g} mm (nnU-Net's rule)"
+            )
+        target[worst] = min(p10, target[worst])
+    return [round(float(t), 4) for t in target], reason
+
+
+def determine_orientation(fp: Fingerprint) -> tuple[str | None, Reason]:
+    """RAS for 3D (every case's axes then mean the same); the stored axes for 2D."""
+    if fp["spatial_dims"] == 3:
+        return "RAS", "3D: every case reoriented to RAS, so that axis k, its spacing and the patch's axis k agree"
+    return None, "2D: the stored axes are kept"
+
+
+def _looks_like_hu(ch: dict[str, Any]) -> bool:
+    # Air at about -1000 HU in the image and a foreground within the HU range of tissue, contrast and bone.
+    return ch["image_p00_5"] <= -500.0 and -1100.0 <= ch["p00_5"] and ch["p99_5"] <= 4000.0
+
+
+def determine_modality(fp: Fingerprint) -> tuple[str, Reason]:
+    if fp.get("modality") in ("CT", "MR", "other"):
+        return fp["modality"], f"dataset.json names the channels {fp['channel_names']}"
+    if fp["n_channels"] == 1 and _looks_like_hu(fp["channels"][0]):
+        ch = fp["channels"][0]
+        return "CT", (
+            f"intensities look like Hounsfield units (0.5th percentile of the image {ch['image_p00_5']:.0f}, "
+            f"foreground {ch['p00_5']:.0f}..{ch['p99_5']:.0f})"
+        )
+    return "other", "no modality given and intensities unlike CT's: treated as MR-like (per-case z-score)"
+
+
+def determine_crop(fp: Fingerprint) -> tuple[bool, float, Reason]:
+    """Crop to the nonzero region unless it removes almost nothing; also the median kept volume fraction."""
+    kept = float(np.median([np.prod(c["cropped_shape"]) / max(1, np.prod(c["shape"])) for c in fp["cases"]]))
+    if kept > 0.95:
+        return False, kept, f"cropping to the nonzero region keeps {kept:.0%} of the median volume: not worth it"
+    return True, kept, f"cropping to the nonzero region keeps {kept:.0%} of the median volume"
+
+
+def determine_normalization(fp: Fingerprint, modality: str, kept: float) -> tuple[dict[str, Any], Reason]:
+    """CT: clip to the foreground 0.5/99.5 percentiles and scale with those (nnU-Net clips, then z-scores with the
+    foreground mean and SD: the same up to a fixed affine map, which the first convolution absorbs). Otherwise a
+    per-case, per-channel z-score, inside the nonzero mask when cropping shrinks the volume a lot."""
+    if modality == "CT" and fp["n_channels"] == 1:
+        ch = fp["channels"][0]
+        lo, hi = round(ch["p00_5"], 1), round(ch["p99_5"], 1)
+        if hi <= lo:
+            hi = lo + 1.0
+        return {"a_min": lo, "a_max": hi}, (
+            f"CT: clipped to the foreground's 0.5/99.5 percentiles ({lo:g}..{hi:g} HU) and mapped to [0, 1]; "
+            f"nnU-Net then z-scores with the foreground mean {ch['mean']:.1f} and SD {ch['std']:.1f}, the same up "
+            "to a fixed affine map"
+        )
+    nonzero = kept < NONZERO_MASK_SHRINK
+    per = f"per case and per channel ({fp['n_channels']} channels)" if fp["n_channels"] > 1 else "per case"
+    where = (
+        f"inside the nonzero mask (cropping keeps {kept:.0%} < {NONZERO_MASK_SHRINK:.0%} of the volume)"
+        if nonzero
+        else f"over the whole image (cropping keeps {kept:.0%} of the volume)"
+    )
+    return {"nonzero": nonzero}, f"{modality}: z-score {per}, {where}"
+
+
+def determine_widths(spatial_dims: int, depth: int, device: str) -> tuple[list[int], Reason]:
+    """32 features doubling per level, capped at 320 (3D) or 512 (2D); 16 capped at 128/256 on a CPU."""
+    base, cap = (32, 320 if spatial_dims == 3 else 512) if device == "cuda" else (16, 128 if spatial_dims == 3 else 256)
+    widths = [min(base * 2**level, cap) for level in range(depth + 1)]
+    return widths, f"{base} features doubling per level, capped at {cap} ({device}, {spatial_dims}D)"
+
+
+def determine_topology(
+    patch: Sequence[int], spacing: Sequence[float], max_depth: int = MAX_DEPTH
+) -> tuple[list[list[int]], list[list[int]], Reason]:
+    """nnU-Net's pooling and kernels: an axis is halved only while its feature map has >= 2x4 voxels and its
+    spacing is < 2x the finest of the axes still pooled; a kernel is 1 along an axis > 2x coarser than the finest.
+
+    Returns:
+        strides per down-sampling step, kernel sizes per resolution (one more than the strides), and the reason.
+    """
+    size = [int(p) for p in patch]
+    sp = [float(s) for s in spacing]
+    strides: list[list[int]] = []
+    kernels: list[list[int]] = [[3 if s / min(sp) < POOL_SPACING_RATIO else 1 for s in sp]]
+    while len(strides) < max_depth:
+        valid = [a for a in range(len(size)) if size[a] >= 2 * MIN_FEATURE_MAP]
+        if not valid:
+            break
+        finest = min(sp[a] for a in valid)
+        axes = [a for a in valid if sp[a] / finest < POOL_SPACING_RATIO]
+        stride = [2 if a in axes else 1 for a in range(len(size))]
+        strides.append(stride)
+        size = [s // st for s, st in zip(size, stride, strict=True)]
+        sp = [s * st for s, st in zip(sp, stride, strict=True)]
+        kernels.append([3 if s / min(sp) < POOL_SPACING_RATIO else 1 for s in sp])
+    skipped = [a for a in range(len(patch)) if strides and strides[0][a] == 1]
+    reason = f"{len(strides)} down-sampling steps, until a feature map is about {MIN_FEATURE_MAP} voxels (at most "
+    reason += f"{max_depth})"
+    if skipped:
+        n_skip = [sum(1 for s in strides if s[a] == 1) for a in skipped]
+        reason += "; axis " + ", ".join(
+            f"{a} not down-sampled in {n} step(s)" for a, n in zip(skipped, n_skip, strict=True)
+        )
+        reason += f" until the others' spacing catches up (> {POOL_SPACING_RATIO:g}x the finest)"
+    return strides, kernels, reason
+
+
+def _kernel_for_unet(kernels: list[list[int]]) -> tuple[int | list[int], Reason]:
+    """MONAI's UNet takes one kernel size for every level: per axis, the one most levels want."""
+    per_axis = [1 if sum(1 for k in kernels if k[a] == 1) * 2 > len(kernels) else 3 for a in range(len(kernels[0]))]
+    wanted = "; ".join(_fmt(k) for k in kernels)
+    if all(k == 3 for k in per_axis):
+        ones = sum(1 for k in kernels if 1 in k)
+        why = f"per level nnU-Net would use {wanted}; MONAI's UNet takes one size, 3 on every axis"
+        if ones:
+            why += f" (kernel 1 is wanted in {ones} of {len(kernels)} levels only)"
+        return 3, why
+    return per_axis, f"per level nnU-Net would use {wanted}; MONAI's UNet takes one size: {_fmt(per_axis)}"
+
+
+def estimate_training_bytes(
+    patch: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    widths: Sequence[int],
+    in_channels: int,
+    n_classes: int,
+    batch: int,
+    *,
+    amp: bool = True,
+) -> float:
+    """Memory of one training step of MONAI's residual U-Net: activations kept for the backward pass (per patch:
+    every level's feature map times its width times :data:`ACTIVATION_BYTES`, input and output included) plus the
+    weights, gradients and Adam moments."""
+    size = np.asarray(patch, dtype=np.float64)
+    elems = float(np.prod(size)) * (in_channels + 2 * n_classes)
+    for level, stride in enumerate(strides):
+        size = np.maximum(1, size // np.asarray(stride))
+        elems += float(np.prod(size)) * widths[level]
+    elems += float(np.prod(size)) * widths[len(strides)]
+    act = elems * ACTIVATION_BYTES * (AMP_FACTOR if amp else 1.0) * batch
+    k = 3 ** len(patch)
+    params = sum(k * a * b * 3 for a, b in zip(widths[:-1], widths[1:], strict=False)) + k * in_channels * widths[0]
+    return act + params * 4 * 4
+
+
+def _memory_target(device: str, memory_gb: float | None) -> tuple[float, Reason]:
+    if memory_gb is not None:
+        return memory_gb * 1e9, f"--memory-gb {memory_gb:g}"
+    if device == "cuda":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                total = torch.cuda.get_device_properties(0).total_memory
+                return 0.85 * total, f"85% of the GPU's {total / 1e9:.0f} GB"
+        except (ImportError, RuntimeError):
+            pass
+        return DEFAULT_GPU_GB * 1e9, f"nnU-Net's reference {DEFAULT_GPU_GB:g} GB (no GPU to ask)"
+    avail = _available_ram()
+    target = min(0.5 * avail, CPU_ACTIVATION_GB * 1e9 + RESERVED_BYTES["cpu"])
+    return target, (
+        f"CPU: half the available RAM ({avail / 1e9:.0f} GB) but at most {CPU_ACTIVATION_GB:g} GB of activations, "
+        "since the step time limits first"
+    )
+
+
+def _available_ram() -> float:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8e9
+
+
+def _median_shape_at(fp: Fingerprint, spacing: Sequence[float] | None, cropped: bool) -> np.ndarray:
+    key = "cropped_shape" if cropped else "shape"
+    if spacing is None:
+        return _median(fp, key)
+    return np.median([np.asarray(c[key]) * np.asarray(c["spacing"]) / np.asarray(spacing) for c in fp["cases"]], axis=0)
+
+
+def _fit_depth(patch: list[int], spacing: Sequence[float]) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """Topology for a patch, then the patch rounded to the nearest multiple of 2^depth on every axis (the schema's
+    rule); the depth is lowered while that rounding would pad an axis by more than half."""
+    strides, kernels, _ = determine_topology(patch, spacing)
+    for _ in range(MAX_DEPTH + 1):
+        while strides and 2 ** len(strides) > 1.5 * min(patch):
+            strides, kernels = strides[:-1], kernels[:-1]
+        div = 2 ** len(strides)
+        rounded = [max(div, int(math.floor(p / div + 0.5)) * div) for p in patch]
+        if rounded == patch:
+            break
+        patch = rounded
+        new_strides, new_kernels, _ = determine_topology(patch, spacing, max_depth=len(strides))
+        strides, kernels = new_strides, new_kernels
+    return patch, strides, kernels
+
+
+def determine_patch_size(
+    fp: Fingerprint,
+    spacing: Sequence[float] | None,
+    *,
+    device: str,
+    budget_bytes: float,
+    n_classes: int,
+    cropped: bool = True,
+    amp: bool = True,
+    batch: int = 2,
+) -> tuple[list[int], list[list[int]], list[list[int]], Reason]:
+    """nnU-Net's patch: start from a cube of 256^3 voxels (2048^2 in 2D) shaped by the spacing and clipped to the
+    median image at the target spacing; while a step of ``batch`` patches does not fit the memory target, shrink the
+    axis that is largest in mm by one multiple of 2^depth.
+
+    Returns:
+        patch size, strides, kernel sizes per level, and the reason.
+    """
+    nd = fp["spatial_dims"]
+    sp = np.asarray(spacing if spacing is not None else [1.0] * nd, dtype=np.float64)
+    median = _median_shape_at(fp, spacing, cropped)
+    inv = 1.0 / sp
+    start = inv * ((256.0**3 if nd == 3 else 2048.0**2) / float(np.prod(inv))) ** (1.0 / nd)
+    patch = [max(1, int(round(min(a, b)))) for a, b in zip(start, median, strict=True)]
+    patch, strides, kernels = _fit_depth(patch, sp)
+    widths, _ = determine_widths(nd, len(strides), device)
+    shrunk = 0
+    reserve = RESERVED_BYTES[device]
+    while estimate_training_bytes(patch, strides, widths, fp["n_channels"], n_classes, batch, amp=amp) + reserve > (
+        budget_bytes
+    ):
+        div = 2 ** len(strides)
+        mm = [p * s if p > div else 0.0 for p, s in zip(patch, sp, strict=True)]
+        if max(mm) == 0.0:
+            break
+        axis = int(np.argmax(mm))
+        patch[axis] -= div
+        patch, strides, kernels = _fit_depth(patch, sp)
+        widths, _ = determine_widths(nd, len(strides), device)
+        shrunk += 1
+    est = estimate_training_bytes(patch, strides, widths, fp["n_channels"], n_classes, batch, amp=amp) + reserve
+    reason = (
+        f"median image at the target spacing {_fmt(np.round(median, 1))} voxels; patch {_fmt(patch)} "
+        f"({_fmt(np.round(np.asarray(patch) * sp, 1))} mm), each axis a multiple of 2^{len(strides)}"
+    )
+    if shrunk:
+        reason += f"; shrunk {shrunk} time(s), largest axis in mm first, to fit the memory model"
+    reason += f" (about {est / 1e9:.1f} GB for {batch} patches, target {budget_bytes / 1e9:.1f} GB)"
+    return patch, strides, kernels, reason
+
+
+def determine_batch_size(
+    fp: Fingerprint,
+    patch: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    widths: Sequence[int],
+    *,
+    device: str,
+    budget_bytes: float,
+    n_classes: int,
+    spacing: Sequence[float] | None,
+    amp: bool = True,
+) -> tuple[int, Reason]:
+    """GPU: as many patches as the memory model allows (at least 2, nnU-Net's minimum), but no more than 5% of the
+    data set's voxels per step (nnU-Net). CPU: 2 patches, the fewest that keep instance statistics and batch
+    variety; more would only slow each step, and the time budget buys steps."""
+    one = estimate_training_bytes(patch, strides, widths, fp["n_channels"], n_classes, 1, amp=amp)
+    fixed = estimate_training_bytes(patch, strides, widths, fp["n_channels"], n_classes, 0, amp=amp)
+    per = max(one - fixed, 1.0)
+    room = budget_bytes - RESERVED_BYTES[device] - fixed
+    fits = max(1, int(room // per))
+    if device != "cuda":
+        batch = 2 if fits >= 2 else 1
+        return batch, f"CPU: {batch} patch(es) per step ({fits} would fit the RAM target); the step time decides"
+    total = float(np.sum(np.prod(_median_shape_at(fp, spacing, True)))) * fp["n_cases"]
+    cap = max(1, int(0.05 * total / float(np.prod(patch))))
+    batch = max(2, min(fits, cap)) if fits >= 2 else 1
+    reason = (
+        f"memory model: {fits} patch(es) fit the target, 5% of the data set's voxels allow {cap}, "
+        "and nnU-Net's minimum is 2"
+    )
+    if fits < 2:
+        reason += "; only 1 fits: raise --memory-gb or accept a batch of 1"
+    return batch, reason
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``20m``, ``1.5h``, ``1h30m`` or a number of seconds, as seconds."""
+    t = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(a + b for a, b in parts) != t:
+        raise UserError(f"'{text}' is not a duration such as 90s, 20m, 1.5h or 1h30m", "--time-budget")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+
+
+def determine_schedule(
+    fp: Fingerprint,
+    *,
+    step_seconds: float,
+    budget_seconds: float | None,
+    patch: Sequence[int],
+    spacing: Sequence[float] | None,
+    val_fraction: float,
+) -> tuple[dict[str, int], Reason]:
+    """Epochs, iterations per epoch and validation interval from the time budget and the measured step.
+
+    Without a budget: nnU-Net's 1000 epochs of 250 iterations. With one: the budget less a fixed start-up cost and
+    validation (at most 10% of it) buys ``budget / step`` iterations (the step measured, plus 25% for loading and
+    augmentation), cut into epochs of up to 250 iterations and at least 20 epochs where possible.
+    """
+    step = step_seconds * LOADING_OVERHEAD
+    n_val = max(1, round(fp["n_cases"] * val_fraction))
+    median = _median_shape_at(fp, spacing, True)
+    windows = float(np.prod([max(1, math.ceil(m / (p * 0.75))) for m, p in zip(median, patch, strict=True)]))
+    val_once = n_val * windows * step_seconds / 2.0  # a forward pass is about a third of a step of 2 patches
+    if budget_seconds is None:
+        hours = (1000 * 250 * step) / 3600
+        sched = {"max_epochs": 1000, "iterations_per_epoch": 250, "val_interval": 10}
+        return sched, (
+            f"no time budget: nnU-Net's 1000 epochs x 250 iterations, about {hours:.1f} h of training at the measured "
+            f"{step_seconds:.3g} s per step (give --time-budget to plan for a time)"
+        )
+    train_s = budget_seconds * (1.0 - VALIDATION_SHARE) - FIXED_SECONDS
+    if train_s <= step * 10:
+        raise UserError(
+            f"a time budget of {budget_seconds:.0f} s leaves no time to train at {step:.2f} s per step", "--time-budget"
+        )
+    total = int(train_s // step)
+    ipe = int(min(250, max(10, total // 20)))
+    epochs = max(1, total // ipe)
+    val_budget = budget_seconds * VALIDATION_SHARE
+    interval = max(1, math.ceil(epochs * val_once / max(val_budget, 1e-9)))
+    interval = min(interval, epochs)
+    sched = {"max_epochs": epochs, "iterations_per_epoch": ipe, "val_interval": interval}
+    reason = (
+        f"time budget {budget_seconds / 60:.0f} min: {train_s:.0f} s of training at {step:.3g} s per step "
+        f"({step_seconds:.3g} s measured + {LOADING_OVERHEAD - 1:.0%} loading) = {total} iterations = {epochs} "
+        f"epochs x {ipe}; validation ({n_val} case(s), about {val_once:.1f} s each time) every {interval} epoch(s) "
+        f"stays within {VALIDATION_SHARE:.0%} of the budget"
+    )
+    return sched, reason
+
+
+def _small_labels(fp: Fingerprint, spacing: Sequence[float] | None) -> dict[str, float]:
+    """Labels whose median object is narrower than :data:`SMALL_OBJECT_VOXELS` at the target spacing."""
+    coarse = float(max(spacing)) if spacing is not None else 1.0
+    out = {}
+    for value, lab in fp["labels"].items():
+        if value == "0" or "object_diameter_mm" not in lab:
+            continue
+        vox = lab["object_diameter_mm"]["median"] / coarse
+        if vox < SMALL_OBJECT_VOXELS:
+            out[lab["name"]] = round(vox, 2)
+    return out
+
+
+def determine_sampling(fp: Fingerprint, spacing: Sequence[float] | None) -> tuple[dict[str, Any], Reason]:
+    """Foreground oversampling: MONAI's positive/negative crops (2/3 centred on foreground, since its negative crops
+    are centred on background, unlike nnU-Net's random ones); crops centred on each class in turn when a label is
+    rare (< 1/10 of the most common one's voxels) or its objects are small."""
+    fg = {lab["name"]: lab["voxel_fraction"] for v, lab in fp["labels"].items() if v != "0"}
+    small = _small_labels(fp, spacing)
+    rare = [n for n, f in fg.items() if fg and f < 0.1 * max(fg.values())]
+    if len(fg) > 1 and (rare or small):
+        why = ", ".join(sorted(set(rare) | set(small)))
+        return {"sampler": "class_balanced"}, f"crops centred on each class in turn: {why} rare or small"
+    if small:
+        return {"sampler": "pos_neg", "pos_fraction": 0.8}, (
+            f"small objects ({', '.join(small)}): 80% of the crops centred on foreground"
+        )
+    return {"sampler": "pos_neg", "pos_fraction": 0.67}, (
+        "2/3 of the crops centred on foreground (MONAI's negative crops are centred on background)"
+    )
+
+
+def determine_augmentation(
+    fp: Fingerprint, spacing: Sequence[float] | None, patch: Sequence[int]
+) -> tuple[dict[str, Any], Reason]:
+    """nnU-Net's augmentation probabilities: mirroring 0.5, rotation 0.2, scaling 0.2, noise 0.1, brightness and
+    contrast; rotation kept to 15 degrees for anisotropic patches, where out-of-plane rotation mixes thick slices."""
+    nd = fp["spatial_dims"]
+    sp = np.asarray(spacing if spacing is not None else [1.0] * nd)
+    mm = np.asarray(patch) * sp
+    aniso = nd == 3 and max(float(mm.max() / mm.min()), float(sp.max() / sp.min())) > ANISOTROPY_THRESHOLD
+    aug = {
+        "flip": 0.5,
+        "rotate": 0.2,
+        "rotate_range_deg": 15.0 if aniso else 30.0,
+        "scale": 0.2,
+        "scale_range": 0.15,
+        "elastic": 0.0,
+        "intensity_shift": 0.5,
+        "intensity_scale": 0.5,
+        "noise": 0.1,
+    }
+    why = "nnU-Net's probabilities (mirror 0.5, rotate 0.2, scale 0.2, noise 0.1; no elastic)"
+    why += "; rotation within 15 degrees: anisotropic data" if aniso else "; rotation within 30 degrees"
+    return aug, why
+
+
+def determine_postprocess(fp: Fingerprint) -> tuple[list[str], Reason]:
+    """Keep only the largest component of a label that is one object in every case that has it."""
+    single = [
+        lab["name"]
+        for v, lab in fp["labels"].items()
+        if v != "0" and lab.get("objects_per_case_max") == 1 and lab.get("cases_present", 0) >= 2
+    ]
+    if single:
+        return single, f"{', '.join(single)}: one connected object in every case, so stray islands are errors"
+    return [], "no label is a single object in every case: no component filtering"
+
+
+def determine_cascade(
+    fp: Fingerprint, spacing: Sequence[float] | None, patch: Sequence[int], cropped: bool
+) -> tuple[dict[str, Any], Reason]:
+    """nnU-Net plans a low-resolution stage and a cascade when the patch covers less than 1/4 of the median image;
+    small objects at the target spacing are flagged too (the coarse stage alone would miss them). The recipe schema
+    has one stage, so the decision is recorded, not applied."""
+    median = _median_shape_at(fp, spacing, cropped)
+    coverage = float(np.prod(np.minimum(np.asarray(patch, dtype=np.float64), median)) / np.prod(median))
+    small = _small_labels(fp, spacing)
+    decision: dict[str, Any] = {"stages": 1, "coverage": round(coverage, 4), "small_labels": small, "applied": False}
+    parts = [f"the patch covers {coverage:.0%} of the median image"]
+    if coverage < CASCADE_COVERAGE and spacing is not None:
+        # The coarse stage: spacing scaled until the patch covers a quarter of the median image.
+        factor = (CASCADE_COVERAGE / coverage) ** (1.0 / len(patch))
+        decision["stages"] = 2
+        decision["low_res_spacing"] = [round(float(s) * factor, 4) for s in spacing]
+        parts.append(
+            f"< {CASCADE_COVERAGE:.0%}: nnU-Net would add a coarse stage at {_fmt(decision['low_res_spacing'])} mm "
+            "and a cascade; not applied (the recipe has one stage), this recipe is the full-resolution stage"
+        )
+    if small:
+        parts.append(
+            "small objects at the target spacing ("
+            + ", ".join(f"{n}: {v:g} voxels across" for n, v in small.items())
+            + "): keep this full-resolution stage (finer spacing would help more than a coarse stage)"
+        )
+    return decision, "; ".join(parts)
+
+
+def measure_step_seconds(
+    model: dict[str, Any], patch: Sequence[int], batch: int, *, n_classes: int, device: str = "cpu", steps: int = 3
+) -> float:
+    """Median seconds of one training step (forward, DiceCE, backward, AdamW) of the planned network on a random
+    batch, after one warm-up step."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from volseg.nets import create_network
+
+    dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+    net = create_network(model["name"], model["spatial_dims"], model["in_channels"], n_classes, model["args"]).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = torch.randn(batch, model["in_channels"], *patch, device=dev)
+    y = torch.randint(0, n_classes, (batch, 1, *patch), device=dev)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    """A planned recipe (a dict that passes the schema), the reason for each decided field (by dotted key), the
+    header lines of the YAML file and the decisions to record in the fingerprint."""
+
+    recipe: dict[str, Any]
+    reasons: dict[str, str]
+    header: list[str] = field(default_factory=list)
+    decisions: dict[str, Any] = field(default_factory=dict)
+
+
+def _recipe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.-")
+    return name or "dataset"
+
+
+def plan_recipe(
+    fp: Fingerprint,
+    *,
+    name: str | None = None,
+    device: str = "cpu",
+    memory_gb: float | None = None,
+    time_budget_s: float | None = None,
+    step_timer: StepTimer | None = None,
+    data_root: str | None = None,
+) -> Plan:
+    """Every decision from the fingerprint, as a recipe.
+
+    Args:
+        fp: a fingerprint (:func:`fingerprint`).
+        name: recipe name (default: the data set's).
+        device: ``cpu`` or ``cuda``: which memory model, widths and step time.
+        memory_gb: memory target (GPU memory on cuda, RAM on cpu); default the GPU's, or half the free RAM.
+        time_budget_s: training time to plan for; None plans nnU-Net's schedule.
+        step_timer: ``(model, patch, batch) -> seconds`` of one training step; default
+            :func:`measure_step_seconds` on ``device``.
+        data_root: written as ``data.root``.
+    """
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device '{device}' is not cpu or cuda", "--device")
+    nd = fp["spatial_dims"]
+    reasons: dict[str, str] = {}
+    decisions: dict[str, Any] = {}
+    header: list[str] = []
+
+    # Labels: consecutive values 0..K-1 (a label_map when the files' values have gaps, e.g. 0/255 masks).
+    values = sorted(int(v) for v in fp["labels"])
+    if 0 not in values:
+        values = [0, *values]
+    labels: dict[str, Any] = {}
+    label_map: dict[int, int] = {}
+    for new, old in enumerate(values):
+        lab = fp["labels"].get(str(old), {"name": "background"})
+        key = lab["name"] if lab["name"] not in labels else f"{lab['name']}_{old}"
+        labels[key] = {"value": new}
+        if new != old:
+            label_map[old] = new
+    n_classes = len(labels)
+    if n_classes < 2:
+        raise UserError("the labels hold only background: nothing to segment", fp.get("root"))
+    reasons["data.labels"] = "the label values found in the data set" + (
+        ", named by dataset.json"
+        if any(lab["name"] != f"label_{v}" for v, lab in fp["labels"].items() if v != "0")
+        else ""
+    )
+
+    modality, why_mod = determine_modality(fp)
+    spacing, why_sp = determine_target_spacing(fp)
+    orientation, why_or = determine_orientation(fp)
+    crop, kept, why_crop = determine_crop(fp)
+    intensity, why_int = determine_normalization(fp, modality, kept)
+    budget, why_mem = _memory_target(device, memory_gb)
+    amp = True
+    patch, strides, kernels, why_patch = determine_patch_size(
+        fp, spacing, device=device, budget_bytes=budget, n_classes=n_classes, cropped=crop, amp=amp
+    )
+    widths, why_w = determine_widths(nd, len(strides), device)
+    batch, why_batch = determine_batch_size(
+        fp, patch, strides, widths, device=device, budget_bytes=budget, n_classes=n_classes, spacing=spacing, amp=amp
+    )
+
+    def model_for(strides_: list[list[int]], kernels_: list[list[int]]) -> tuple[dict[str, Any], str, str]:
+        w, why_width = determine_widths(nd, len(strides_), device)
+        kernel, why_kernel = _kernel_for_unet(kernels_)
+        all_two = all(all(s == 2 for s in st) for st in strides_)
+        args: dict[str, Any] = {
+            "channels": w,
+            "strides": [2 for _ in strides_] if all_two else strides_,
+            "num_res_units": 2,
+            "norm": "instance",
+        }
+        if kernel != 3:
+            args["kernel_size"] = kernel
+        net = {"name": "unet", "spatial_dims": nd, "in_channels": fp["n_channels"], "args": args}
+        return net, why_width, why_kernel
+
+    model, why_w, why_k = model_for(strides, kernels)
+    timer = step_timer or (
+        lambda m, p, b: measure_step_seconds(m, p, b, n_classes=n_classes, device=device)  # noqa: E731
+    )
+    step = timer(model, tuple(patch), batch)
+    why_step = f"measured {step:.3g} s per step of {batch} patch(es) {_fmt(patch)} on {device}"
+    # CPU with a budget: a patch whose step leaves too few iterations shrinks, measured again (at most 3 times).
+    if device == "cpu" and time_budget_s is not None:
+        for _ in range(3):
+            iters = (time_budget_s * (1 - VALIDATION_SHARE) - FIXED_SECONDS) / (step * LOADING_OVERHEAD)
+            div = 2 ** len(strides)
+            if iters >= MIN_ITERATIONS or max(patch) <= div:
+                break
+            sp = np.asarray(spacing if spacing is not None else [1.0] * nd)
+            old = list(patch)
+            while np.prod(patch) > np.prod(old) / 2 and max(patch) > div:
+                axis = int(np.argmax([p * s if p > div else 0 for p, s in zip(patch, sp, strict=True)]))
+                patch[axis] -= div
+            patch, strides, kernels = _fit_depth(patch, sp)
+            if patch == old:
+                break
+            model, why_w, why_k = model_for(strides, kernels)
+            step = timer(model, tuple(patch), batch)
+            why_patch += (
+                f"; the budget gave {iters:.0f} < {MIN_ITERATIONS} iterations at patch {_fmt(old)}, so the patch was "
+                f"halved, largest axis in mm first ({_fmt(patch)}, {step:.3g} s per step)"
+            )
+        why_step = f"measured {step:.3g} s per step of {batch} patch(es) {_fmt(patch)} on {device}"
+    _, _, why_topo = determine_topology(patch, spacing if spacing is not None else [1.0] * nd)
+
+    split_val = 0.2
+    sched, why_sched = determine_schedule(
+        fp, step_seconds=step, budget_seconds=time_budget_s, patch=patch, spacing=spacing, val_fraction=split_val
+    )
+    sampling, why_samp = determine_sampling(fp, spacing)
+    aug, why_aug = determine_augmentation(fp, spacing, patch)
+    largest, why_post = determine_postprocess(fp)
+    cascade, why_casc = determine_cascade(fp, spacing, patch, crop)
+    total_iters = sched["max_epochs"] * sched["iterations_per_epoch"]
+    if total_iters >= 10_000:
+        optimizer = {"name": "sgd", "lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5}
+        why_opt = f"{total_iters} iterations: nnU-Net's SGD (lr 0.01, momentum 0.99, weight decay 3e-5)"
+    else:
+        optimizer = {"name": "adamw", "lr": 0.003, "weight_decay": 3e-5}
+        why_opt = f"{total_iters} iterations (< 10000): AdamW at 3e-3 converges faster in a short run than SGD"
+    spv = 2 if batch % 2 == 0 else 1
+    resampled_bytes = float(np.prod(_median_shape_at(fp, spacing, crop))) * fp["n_cases"] * 4 * (fp["n_channels"] + 1)
+    ram = _available_ram()
+    cache = {"kind": "memory" if resampled_bytes < 0.25 * ram else "persistent", "rate": 1.0}
+    workers = 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+    data: dict[str, Any] = {"source": "auto"}
+    if data_root is not None:
+        data["root"] = data_root
+    data.update({"modality": "MR" if modality == "MR" else modality, "labels": labels})
+    if label_map:
+        data["label_map"] = label_map
+        reasons["data.label_map"] = f"the files' label values {values} mapped to 0..{n_classes - 1}"
+    data.update(
+        {
+            "spacing": spacing,
+            "orientation": orientation,
+            "intensity": intensity,
+            "crop_foreground": crop,
+            "split": {"val_fraction": split_val, "seed": 0},
+            "cache": cache,
+        }
+    )
+    reasons.update(
+        {
+            "data.modality": why_mod,
+            "data.spacing": why_sp,
+            "data.orientation": why_or,
+            "data.intensity": why_int,
+            "data.crop_foreground": why_crop,
+            "data.split": "one case in five held out for validation",
+            "data.cache": f"the resampled data set is about {resampled_bytes / 1e9:.2f} GB; "
+            + ("kept in memory" if cache["kind"] == "memory" else "more than a quarter of the RAM: cached on disk"),
+            "model.name": "MONAI's residual U-Net, the network volseg's fast engine rebuilds",
+            "model.spatial_dims": f"the labels are {nd}D",
+            "model.in_channels": f"{fp['n_channels']} image channel(s)",
+            "model.args.channels": why_w,
+            "model.args.strides": why_topo,
+            "model.args.num_res_units": "two residual units per level (MONAI's default)",
+            "model.args.norm": "instance normalisation (nnU-Net), batch statistics are poor with small batches",
+            "train.patch_size": why_patch,
+            "train.batch_size": why_batch + (f"; {batch} patches = {batch // spv} volume(s) x {spv} samples"),
+            "train.samples_per_volume": "two crops per loaded volume halve the loading cost"
+            if spv == 2
+            else "one crop per volume (odd batch)",
+            "train.sampler": why_samp,
+            "train.max_epochs": why_sched,
+            "train.iterations_per_epoch": "see max_epochs",
+            "train.val_interval": "see max_epochs",
+            "train.optimizer": why_opt,
+            "train.scheduler": "nnU-Net's poly learning-rate decay (power 0.9)",
+            "train.loss": "Dice + cross-entropy (nnU-Net)",
+            "train.amp": "mixed precision: CUDA AMP, or bfloat16 on CPUs that have it natively",
+            "train.num_workers": "one loader process on a CPU, which the training step needs"
+            if device == "cpu"
+            else "loader processes for the GPU",
+            "train.augment": why_aug,
+            "infer.postprocess.largest_component": why_post,
+        }
+    )
+    if "kernel_size" in model["args"]:
+        reasons["model.args.kernel_size"] = why_k
+    train: dict[str, Any] = {
+        "patch_size": patch,
+        "batch_size": batch // spv,
+        "samples_per_volume": spv,
+        **sampling,
+        **sched,
+        "optimizer": optimizer,
+        "scheduler": {"name": "poly", "power": 0.9},
+        "loss": {"name": "dice_ce"},
+        "amp": amp,
+        "num_workers": workers,
+        "augment": aug,
+    }
+    if "pos_fraction" in sampling:
+        reasons["train.pos_fraction"] = "see sampler"
+    recipe = {
+        "name": _recipe_name(name or fp.get("name") or "dataset"),
+        "description": f"planned by volseg plan from {fp['n_cases']} cases of {fp.get('name') or 'a data set'}",
+        "data": data,
+        "model": model,
+        "train": train,
+        "infer": {"postprocess": {"largest_component": largest}},
+    }
+    header += [
+        f"Planned by `volseg plan` for {device}"
+        + (f" and a time budget of {time_budget_s / 60:.0f} min" if time_budget_s else "")
+        + f" from {fp['n_cases']} cases; the fingerprint is beside this file.",
+        f"Memory target: {why_mem}.",
+        f"Step time: {why_step}.",
+        f"Network kernels: {why_k}.",
+        f"Cascade: {why_casc}.",
+    ]
+    decisions.update(
+        {
+            "device": device,
+            "memory_target_bytes": budget,
+            "step_seconds": step,
+            "time_budget_s": time_budget_s,
+            "kernels_per_level": kernels,
+            "strides": strides,
+            "cascade": {**cascade, "reason": why_casc},
+            "reasons": reasons,
+        }
+    )
+    return Plan(recipe, reasons, header, decisions)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _wrap(text: str, indent: str, width: int = 118) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width - len(indent) - 2, break_on_hyphens=False) or [""]
+
+
+def recipe_yaml(plan: Plan) -> str:
+    """The recipe as YAML with ``# why`` comment lines above every decided key (``yaml.safe_load`` of the text gives
+    back ``plan.recipe``)."""
+    lines = [f"# {line}" for h in plan.header for line in _wrap(h, "")]
+
+    def emit(node: dict[str, Any], path: str, depth: int) -> None:
+        indent = "  " * depth
+        for key, value in node.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            why = plan.reasons.get(dotted)
+            if why:
+                lines.extend(f"{indent}# {w}" for w in _wrap(why, indent))
+            k = _key(key)
+            flow = f"{indent}{k}: {_flow(value)}"
+            nested = isinstance(value, dict) and value
+            if nested and (len(flow) > 118 or not all(isinstance(v, (int, float)) for v in value.values())):
+                lines.append(f"{indent}{k}:")
+                emit(value, dotted, depth + 1)
+            else:
+                lines.append(flow)
+
+    emit(plan.recipe, "", 0)
+    return "\n".join(lines) + "\n"
+
+
+def _key(key: Any) -> str:
+    plain = isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key)
+    if plain and key.lower() not in ("y", "n", "yes", "no", "on", "off", "true", "false", "null"):
+        return key
+    return json.dumps(key)
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, str) and _key(value) == value:
+        return value
+    if isinstance(value, float):
+        # YAML 1.1 (PyYAML) reads 3e-05 as a string: the mantissa needs a point.
+        mantissa, e, exponent = repr(value).partition("e")
+        return (mantissa if "." in mantissa else mantissa + ".0") + e + exponent
+    return json.dumps(value)
+
+
+def fingerprint_path(recipe_path: str | Path) -> Path:
+    """``configs/NAME.yaml`` -> ``configs/NAME.fingerprint.json``."""
+    p = Path(recipe_path)
+    stem = p.name[: -len(p.suffix)] if p.suffix in (".yaml", ".yml") else p.name
+    return p.with_name(stem + ".fingerprint.json")
+
+
+def write_plan(plan: Plan, fp: Fingerprint, out: str | Path) -> tuple[Path, Path]:
+    """Write the recipe YAML and the fingerprint JSON beside it (each to a temporary name, then renamed); the
+    recipe is checked by the schema first."""
+    import yaml
+
+    from volseg.fileio import write_text_atomic
+    from volseg.recipe import recipe_from_dict
+
+    out = Path(out)
+    text = recipe_yaml(plan)
+    recipe_from_dict(yaml.safe_load(text), str(out))
+    fp_out = fingerprint_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(fp_out, json.dumps({**fp, "plan": plan.decisions}, indent=1) + "\n")
+    write_text_atomic(out, text)
+    return out, fp_out
+
+
+def plan_summary(plan: Plan) -> list[str]:
+    """A few lines naming the main decisions, for the terminal."""
+    r = plan.recipe
+    d, m, t = r["data"], r["model"], r["train"]
+    spacing = "the images' own grid" if d["spacing"] is None else f"{_fmt(d['spacing'])} mm"
+    cascade = plan.decisions.get("cascade", {})
+    lines = [
+        f"plan {r['name']}: {m['spatial_dims']}D, {m['in_channels']} channel(s), {len(d['labels']) - 1} label(s), "
+        f"{d['modality']}",
+        f"  spacing {spacing}; intensity {_flow(d['intensity'])}; crop {str(d['crop_foreground']).lower()}",
+        f"  patch {_fmt(t['patch_size'])}; {len(m['args']['strides'])} levels, widths {_flow(m['args']['channels'])}",
+        f"  {t['batch_size'] * t['samples_per_volume']} patch(es) per step; {t['max_epochs']} epochs x "
+        f"{t['iterations_per_epoch']} iterations, validation every {t['val_interval']}; sampler {t['sampler']}",
+    ]
+    if cascade.get("stages", 1) > 1 or cascade.get("small_labels"):
+        lines.append(f"  note: {cascade.get('reason', '')}")
+    return lines
+
+
+def run_plan(
+    data: str | Path,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    memory_gb: float | None = None,
+    time_budget: str | None = None,
+    name: str | None = None,
+    source: str = "auto",
+    echo: Callable[[str], None] | None = None,
+) -> tuple[Path, Path, Plan]:
+    """``volseg plan``: fingerprint the data set, plan, write the recipe and the fingerprint beside it.
+
+    Args:
+        data: data folder or CSV, in any layout volseg reads.
+        out: the recipe to write (``NAME.yaml``); the fingerprint goes to ``NAME.fingerprint.json``.
+        device: ``auto``, ``cpu`` or ``cuda`` (``cuda:N`` counts as cuda).
+        memory_gb: memory target (see :func:`plan_recipe`).
+        time_budget: training time to plan for, e.g. ``20m`` (see :func:`parse_duration`).
+        name: recipe name (default: the data set's name).
+        source: datalist kind, as ``data.source``.
+        echo: progress and summary lines.
+    """
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if device.startswith("cuda") else device
+    budget = parse_duration(time_budget) if time_budget else None
+    if memory_gb is not None and memory_gb <= 0:
+        raise UserError("--memory-gb must be positive", "--memory-gb")
+    fp = fingerprint_dataset(data, source)
+    plan = plan_recipe(fp, name=name, device=device, memory_gb=memory_gb, time_budget_s=budget, data_root=str(data))
+    recipe_path, fp_path = write_plan(plan, fp, out)
+    if echo is not None:
+        for line in plan_summary(plan):
+            echo(line)
+        echo(f"recipe: {recipe_path} (every decision explained in its comments)")
+        echo(f"fingerprint: {fp_path}")
+    return recipe_path, fp_path, plan
+
+
+PLAN_FILE = "volseg_plan.yaml"
+"""Where ``volseg train --data DIR`` without a recipe writes its plan, in the run folder."""
+
+
+def default_name(data: str | Path) -> str:
+    """A recipe name from a data folder's or CSV's name."""
+    p = Path(data)
+    return _recipe_name(p.stem if p.is_file() else p.resolve().name)
+
+
+def plan_for_training(
+    data: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    time_budget: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
+    """The recipe for ``volseg train --data DIR`` without ``--config``: planned into the run folder
+    (``RUN/volseg_plan.yaml``, the fingerprint beside it), or the plan already there when resuming."""
+    path = Path(run_dir) / PLAN_FILE
+    if resume and path.is_file():
+        if echo is not None:
+            echo(f"resuming with the plan {path}")
+        return path
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("plan first (volseg plan --data DIR -o RECIPE), then launch the processes with --config", data)
+    run_plan(data, path, device=device, time_budget=time_budget, name=Path(run_dir).name, echo=echo)
+    return path
