@@ -12,11 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import SCHEMA, SCHEMA_MD5, TINY_FLOORS, TINY_LABELS, assert_agreement, require_schema, save_nifti
 
-from tests.conftest import SCHEMA, SCHEMA_MD5, save_nifti
 from volseg.data.synth import liver_ct_phantom
 from volseg.infer import run_inference
-from volseg.metrics import dice_per_label
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +73,7 @@ def test_run_layout_and_loss_decreases(trained_run) -> None:
 
 
 def test_metadata_is_valid_and_names_labels(trained_bundle: Path, tmp_path: Path) -> None:
-    assert SCHEMA.is_file(), f"offline schema copy missing: {SCHEMA}"
+    require_schema()
     schema = tmp_path / SCHEMA.name
     shutil.copyfile(SCHEMA, schema)
     meta_file = trained_bundle / "configs" / "metadata.json"
@@ -130,9 +129,11 @@ def test_train_json_follows_monai_label_conventions(trained_bundle: Path) -> Non
 
 def test_monai_bundle_run_agrees_with_volseg_infer(trained_bundle: Path, tmp_path: Path) -> None:
     scans = tmp_path / "scans"
+    truths = {}
     for seed, axcodes in ((21, "LPS"), (22, "RAS")):
         ph = liver_ct_phantom(seed, shape=(56, 48, 24), axcodes=axcodes)
         save_nifti(scans / f"scan{seed}.nii.gz", ph.image, ph.affine)
+        truths[f"scan{seed}_seg.nii.gz"] = ph.label
     # A copy of the bundle, run in a process where volseg cannot be imported.
     bundle = tmp_path / "bundle"
     shutil.copytree(trained_bundle, bundle, ignore=shutil.ignore_patterns("checkpoints", "logs"))
@@ -156,8 +157,7 @@ def test_monai_bundle_run_agrees_with_volseg_infer(trained_bundle: Path, tmp_pat
         assert ours.shape == theirs.shape == src.shape
         np.testing.assert_allclose(theirs.affine, src.affine, atol=1e-4)
         a, b = np.asarray(ours.dataobj), np.asarray(theirs.dataobj)
-        d = dice_per_label(a, b, {"liver": 1, "tumour": 2})
-        assert all(v >= 0.99 for v in d.values()), d
+        assert_agreement(a, b, TINY_LABELS, truth=truths[path.name], floors=TINY_FLOORS, min_dice=0.99)
 
 
 def test_resume_continues_the_epoch_count(tiny_data: Path, tiny_recipe_path: Path, tmp_path: Path) -> None:

@@ -34,8 +34,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
-
-from tests.conftest import save_nifti
+from helpers import TINY_FLOORS, TINY_LABELS, assert_real_overlap, save_nifti
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_SCRIPT = REPO / "scripts" / "make_monailabel_env.sh"
@@ -67,22 +66,21 @@ pytestmark = pytest.mark.slow
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _write_ct(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A 64x64x32 CT-like volume on an oblique, anisotropic, LPS-like grid."""
-    rng = np.random.default_rng(0)
-    vol = rng.normal(40.0, 30.0, size=(64, 64, 32)).astype(np.float32)
-    vol[16:48, 16:48, 8:24] += 80.0
+def _write_ct(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 64x64x32 CT phantom on an oblique, anisotropic, LPS-like grid; returns (image, affine, its labels)."""
+    from volseg.data.synth import liver_ct_phantom
+
+    ph = liver_ct_phantom(11, shape=(64, 64, 32), axcodes="LPS")
     theta = np.deg2rad(15.0)
     rot = np.array([[np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0], [0.0, 0.0, 1.0]])
-    affine = np.eye(4)
-    affine[:3, :3] = rot @ np.diag([-1.2, -1.1, 3.0])
-    affine[:3, 3] = [90.0, 120.0, -40.0]
-    img = nib.Nifti1Image(vol, affine)
+    affine = np.array(ph.affine, dtype=np.float64)
+    affine[:3, :3] = rot @ affine[:3, :3]
+    img = nib.Nifti1Image(ph.image.astype(np.float32), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
-    return vol, affine
+    return ph.image, affine, ph.label
 
 
 def _monailabel_python() -> Path:
@@ -218,14 +216,16 @@ def _label_names(bundle: Path) -> dict[str, int]:
 
 
 def _check_segmentation(
-    data: bytes, path: Path, shape: tuple[int, ...], affine: np.ndarray, label_values: set[int]
+    data: bytes, path: Path, shape: tuple[int, ...], affine: np.ndarray, label_values: set[int], truth: np.ndarray
 ) -> None:
-    """A readable NIfTI on the input's grid whose values are label values of the bundle."""
+    """A readable NIfTI on the input's grid whose values are label values of the bundle, and which finds the liver."""
     path.write_bytes(data)
     seg = nib.load(str(path))
     assert seg.shape == shape
     np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
-    assert set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist()) <= label_values
+    labels = np.asarray(seg.dataobj)
+    assert set(np.unique(labels).astype(int).tolist()) <= label_values
+    assert_real_overlap(labels, truth, {"liver": TINY_LABELS["liver"]}, TINY_FLOORS)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def _check_segmentation(
 def test_monailabel_serves_bundle(trained_bundle: Path, tmp_path: Path) -> None:
     python = _monailabel_python()
     studies = tmp_path / "studies"
-    image, affine = _write_ct(studies / f"{IMAGE_ID}.nii.gz")
+    image, affine, truth = _write_ct(studies / f"{IMAGE_ID}.nii.gz")
 
     label_values = _label_values(trained_bundle)
     expected_labels = _label_names(trained_bundle)
@@ -253,14 +253,14 @@ def test_monailabel_serves_bundle(trained_bundle: Path, tmp_path: Path) -> None:
         # output=image: the label file alone.
         status, body, _ = _http("POST", f"{base}/infer/{MODEL}?image={IMAGE_ID}&output=image", INFER_TIMEOUT_S)
         assert status == 200, f"/infer/ answered {status}: {body[:500]!r}\n{_log_tail(log)}"
-        _check_segmentation(body, tmp_path / "result.nii.gz", image.shape, affine, label_values)
+        _check_segmentation(body, tmp_path / "result.nii.gz", image.shape, affine, label_values, truth)
 
         # No output argument: multipart with "params" (JSON) and "image" (the label file).
         status, body, content_type = _http("POST", f"{base}/infer/{MODEL}?image={IMAGE_ID}", INFER_TIMEOUT_S)
         assert status == 200, f"/infer/ (multipart) answered {status}: {body[:500]!r}\n{_log_tail(log)}"
         parts = _multipart(body, content_type)
         assert json.loads(parts["params"])["label_names"] == expected_labels
-        _check_segmentation(parts["image"], tmp_path / "result2.nii.gz", image.shape, affine, label_values)
+        _check_segmentation(parts["image"], tmp_path / "result2.nii.gz", image.shape, affine, label_values, truth)
 
 
 def test_monailabel_trains_bundle(trained_bundle: Path, tmp_path: Path) -> None:
@@ -298,7 +298,7 @@ def test_monailabel_trains_bundle(trained_bundle: Path, tmp_path: Path) -> None:
 
 def test_bundle_runs_without_monailabel(trained_bundle: Path, tmp_path: Path) -> None:
     """The same inference.json (image_path workaround included) under plain `monai.bundle run`, in volseg's env."""
-    image, affine = _write_ct(tmp_path / "data" / f"{IMAGE_ID}.nii.gz")
+    image, affine, truth = _write_ct(tmp_path / "data" / f"{IMAGE_ID}.nii.gz")
     out = tmp_path / "eval"
     code = (
         "import sys\nfrom monai.bundle import run\n"
@@ -310,5 +310,5 @@ def test_bundle_runs_without_monailabel(trained_bundle: Path, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = out.glob("*.nii*")
     _check_segmentation(
-        result.read_bytes(), tmp_path / "result.nii.gz", image.shape, affine, _label_values(trained_bundle)
+        result.read_bytes(), tmp_path / "result.nii.gz", image.shape, affine, _label_values(trained_bundle), truth
     )
