@@ -94,6 +94,7 @@ MIN_ITERATIONS = 500
 Reason = str
 Fingerprint = dict[str, Any]
 StepTimer = Callable[[dict[str, Any], tuple[int, ...], int], float]
+Floats = Sequence[float] | np.ndarray
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def fingerprint(
             raise UserError("label values must not be negative", case["label"])
         counts = np.bincount(values.ravel())
         total_voxels += label.size
-        for value in np.flatnonzero(counts):
+        for value in np.flatnonzero(counts).tolist():
             stats = label_stats.setdefault(int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": []})
             stats["voxels"] += int(counts[value])
             if value == 0:
@@ -346,7 +347,7 @@ def fingerprint_dataset(
 # Decisions: each returns (value, reason)
 
 
-def _fmt(values: Sequence[float]) -> str:
+def _fmt(values: Floats) -> str:
     return " x ".join(f"{v:g}" for v in values)
 
 
@@ -449,7 +450,7 @@ def determine_widths(spatial_dims: int, depth: int, device: str) -> tuple[list[i
 
 
 def determine_topology(
-    patch: Sequence[int], spacing: Sequence[float], max_depth: int = MAX_DEPTH
+    patch: Sequence[int], spacing: Floats, max_depth: int = MAX_DEPTH
 ) -> tuple[list[list[int]], list[list[int]], Reason]:
     """nnU-Net's pooling and kernels: an axis is halved only while its feature map has >= 2x4 voxels and its
     spacing is < 2x the finest of the axes still pooled; a kernel is 1 along an axis > 2x coarser than the finest.
@@ -564,7 +565,7 @@ def _median_shape_at(fp: Fingerprint, spacing: Sequence[float] | None, cropped: 
     return np.median([np.asarray(c[key]) * np.asarray(c["spacing"]) / np.asarray(spacing) for c in fp["cases"]], axis=0)
 
 
-def _fit_depth(patch: list[int], spacing: Sequence[float]) -> tuple[list[int], list[list[int]], list[list[int]]]:
+def _fit_depth(patch: list[int], spacing: Floats) -> tuple[list[int], list[list[int]], list[list[int]]]:
     """Topology for a patch, then the patch rounded to the nearest multiple of 2^depth on every axis (the schema's
     rule); the depth is lowered while that rounding would pad an axis by more than half."""
     strides, kernels, _ = determine_topology(patch, spacing)
@@ -969,18 +970,18 @@ def plan_recipe(
             if iters >= MIN_ITERATIONS or max(patch) <= div:
                 break
             sp = np.asarray(spacing if spacing is not None else [1.0] * nd)
-            old = list(patch)
-            while np.prod(patch) > np.prod(old) / 2 and max(patch) > div:
+            before = list(patch)
+            while np.prod(patch) > np.prod(before) / 2 and max(patch) > div:
                 axis = int(np.argmax([p * s if p > div else 0 for p, s in zip(patch, sp, strict=True)]))
                 patch[axis] -= div
             patch, strides, kernels = _fit_depth(patch, sp)
-            if patch == old:
+            if patch == before:
                 break
             model, why_w, why_k = model_for(strides, kernels)
             step = timer(model, tuple(patch), batch)
             why_patch += (
-                f"; the budget gave {iters:.0f} < {MIN_ITERATIONS} iterations at patch {_fmt(old)}, so the patch was "
-                f"halved, largest axis in mm first ({_fmt(patch)}, {step:.3g} s per step)"
+                f"; the budget gave {iters:.0f} < {MIN_ITERATIONS} iterations at patch {_fmt(before)}, so the patch "
+                f"was halved, largest axis in mm first ({_fmt(patch)}, {step:.3g} s per step)"
             )
         why_step = f"measured {step:.3g} s per step of {batch} patch(es) {_fmt(patch)} on {device}"
     _, _, why_topo = determine_topology(patch, spacing if spacing is not None else [1.0] * nd)
