@@ -7,9 +7,11 @@ that need it are skipped, and fail in CI.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,7 +289,9 @@ def test_watcher(orthanc: OrthancServer, trained_bundle: Path, tmp_path: Path, m
 
     def watcher(from_now: bool = False) -> OrthancWatcher:
         rules = WatchRules(("CT",), "^watched abdomen$")  # other tests' series ("abdomen") are not taken
-        return OrthancWatcher(orthanc.url, predictor, state, rules=rules, echo=lines.append, from_now=from_now)
+        return OrthancWatcher(
+            orthanc.url, predictor, state, rules=rules, echo=lines.append, from_now=from_now, poll_interval=0.2
+        )
 
     first = watcher(from_now=True)
     assert first.run_once() == []  # a new state file starts at the end of the feed
@@ -330,6 +334,22 @@ def test_watcher(orthanc: OrthancServer, trained_bundle: Path, tmp_path: Path, m
     assert [r.series_uid for r in results if r.outcome == "done"] == [second_uid]
     assert len(seg_series(orthanc, study_uid)) == 2
     assert [r for r in watcher().run_once() if r.outcome == "done"] == []
+    # In a thread, as a service runs it: a new series gets its SEG without being asked for.
+    _, third_uid, _ = upload_series(
+        orthanc, tmp_path / "d", seed=24, study_uid=study_uid, series_number=6, description="watched abdomen"
+    )  # fmt: skip
+    background = watcher()
+    background.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(seg_series(orthanc, study_uid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        background.stop(timeout=120)
+    assert background._thread is None, "the watcher's thread did not stop"
+    segs = seg_series(orthanc, study_uid)
+    assert len(segs) == 3, lines
+    assert third_uid in json.loads(state.read_text())["done"]
     # The command line, once: nothing new to do.
     proc = volseg(
         "watch-orthanc", orthanc.url, "--state", str(state), "--bundle", str(trained_bundle), "--modality", "CT",
