@@ -106,8 +106,12 @@ def model_grid(
     a = np.asarray(affine, dtype=np.float64)
     d = len(shape)
     rzs = a[:d, :d]
-    q, r = np.linalg.qr(rzs)
-    rotation = q * np.sign(np.where(np.diag(r) == 0, 1.0, np.diag(r)))  # factor with a positive triangular part
+    # The orthogonal factor exactly as MONAI's zoom_affine computes it (Cholesky): another factorisation (QR) gives
+    # the same matrix to 1e-16, which is enough to round an oblique extent of exactly n + 0.5 voxels the other way.
+    try:
+        rotation = rzs @ np.linalg.inv(np.linalg.cholesky(rzs.T @ rzs).T)
+    except np.linalg.LinAlgError:
+        raise ValueError("the input's affine is singular") from None
     spacing = np.abs(np.asarray(target, dtype=np.float64))
     spacing[spacing == 0] = 1.0
     new = np.eye(d + 1)
