@@ -10,6 +10,8 @@ refuses what nibabel and MONAI would either crash on or read wrongly:
 * ``vox_offset`` that is not finite or points into the header (nibabel would read the header as voxels);
 * non-finite ``pixdim``, ``scl_slope``/``scl_inter``, quaternion or ``srow`` values, an unknown
   ``qform_code``/``sform_code``, a quaternion longer than 1, an affine that is not finite or is singular;
+* a voxel size (``pixdim[1..3]``) of 0 or below when no sform gives the geometry (the affine then comes from
+  ``pixdim``, and nibabel would silently take 1 mm for 0 and the absolute value of a negative size);
 * voxel data shorter than the header says.
 
 Other formats: a DICOM series folder goes through :func:`volseg.data.dicom.read_series`; NRRD, MHA/MHD, PNG and
@@ -211,6 +213,21 @@ def _parse_header(path: Path, head: bytes) -> tuple[Any, int]:
     for key, value in (("qform_code", qcode), ("sform_code", scode)):
         if value not in codes:
             raise UserError(f"unknown {key} {value} (expected 0..{max(codes)})", path)
+    if scode <= 0:
+        # No sform: the affine is built from pixdim (through the qform, or alone), so pixdim must hold the voxel size.
+        for axis, voxel in enumerate(pixdim, start=1):
+            if voxel == 0:
+                raise UserError(
+                    f"voxel size pixdim[{axis}] = 0 and no sform: the spacing is unknown (nibabel and MONAI would "
+                    "assume 1 mm); set pixdim or an sform",
+                    path,
+                )
+            if voxel < 0:
+                raise UserError(
+                    f"voxel size pixdim[{axis}] = {voxel:g} is negative and there is no sform: a voxel size must be "
+                    f"positive (nibabel would silently use {-voxel:g}, dropping what the sign may have meant)",
+                    path,
+                )
     # The quaternion is checked even when qform_code is 0: MONAI's NIfTI reader computes the qform regardless.
     quat = [float(raw[k]) for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
     if qcode > 0 and not all(math.isfinite(v) for v in quat):

@@ -1,0 +1,78 @@
+"""Inputs that used to pass in silence: a voxel size of 0 or below."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import TINY_RECIPE, save_nifti
+from volseg.data.validate import check_image_file
+from volseg.errors import UserError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Voxel sizes
+
+
+def _nifti_with(path: Path, pixdim: tuple[float, float, float], qform_code: int, sform_code: int, srow=None) -> Path:
+    """A small NIfTI whose header fields are patched after nibabel wrote it (nibabel would fix them on save)."""
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.diag([1.5, 1.5, 2.0, 1.0]))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<3f", raw, 80, *pixdim)  # pixdim[1..3]
+    struct.pack_into("<2h", raw, 252, qform_code, sform_code)
+    if srow is not None:
+        struct.pack_into("<12f", raw, 280, *np.asarray(srow, dtype=np.float32).ravel())
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("pixdim", "qform", "sform", "words"),
+    [
+        ((0.0, 0.0, 0.0), 0, 0, "voxel size pixdim[1] = 0 and no sform: the spacing is unknown"),
+        ((1.0, 1.0, 0.0), 1, 0, "voxel size pixdim[3] = 0 and no sform"),
+        ((-1.5, 1.5, 2.0), 0, 0, "voxel size pixdim[1] = -1.5 is negative and there is no sform"),
+        ((1.5, -1.5, 2.0), 1, 0, "pixdim[2] = -1.5 is negative"),
+        ((float("nan"), 1.0, 1.0), 0, 1, "pixdim nan 1 1 is not finite"),
+        ((1e-9, 1.0, 1.0), 0, 0, "singular affine from the pixdim"),
+    ],
+)
+def test_voxel_sizes_the_geometry_cannot_come_from(tmp_path: Path, pixdim, qform, sform, words) -> None:
+    path = _nifti_with(tmp_path / "x.nii", pixdim, qform, sform)
+    with pytest.raises(UserError, match=r"x\.nii: .*" + words.replace("[", r"\[").replace("]", r"\]")):
+        check_image_file(path)
+
+
+def test_pixdim_does_not_matter_when_an_sform_gives_the_geometry(tmp_path: Path) -> None:
+    for pixdim in [(0.0, 0.0, 0.0), (-1.5, 1.5, 2.0)]:
+        path = _nifti_with(tmp_path / "x.nii", pixdim, 1, 1)
+        check_image_file(path)  # the sform (1.5, 1.5, 2 mm) is what every reader uses
+        np.testing.assert_allclose(nib.load(path).affine, np.diag([1.5, 1.5, 2.0, 1.0]))
+    singular = [[1.5, 0, 0, 0], [3.0, 0, 0, 0], [0, 0, 2.0, 0]]  # two voxel axes along one world axis
+    with pytest.raises(UserError, match="singular affine from the sform"):
+        check_image_file(_nifti_with(tmp_path / "s.nii", (1.5, 1.5, 2.0), 0, 1, singular))
+
+
+def test_check_data_names_the_file_with_a_zero_voxel_size(tmp_path: Path, capsys) -> None:
+    from volseg.cli import main
+    from volseg.data.synth import liver_ct_phantom
+
+    ph = liver_ct_phantom(7, shape=(24, 24, 12))
+    image = save_nifti(tmp_path / "images" / "c0.nii", ph.image.astype(np.float32), ph.affine)
+    save_nifti(tmp_path / "labels" / "c0.nii", ph.label, ph.affine)
+    raw = bytearray(image.read_bytes())
+    struct.pack_into("<3f", raw, 80, 0.0, 0.0, 0.0)
+    struct.pack_into("<2h", raw, 252, 0, 0)
+    image.write_bytes(bytes(raw))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    assert main(["check-data", "--config", str(recipe), "--data", str(tmp_path)]) == 2
+    table = capsys.readouterr().out
+    assert "c0.nii" in table and "voxel size pixdim[1] = 0 and no sform" in table
