@@ -1,7 +1,8 @@
-"""Inputs that used to pass in silence: a voxel size of 0 or below."""
+"""Inputs that used to pass in silence (a voxel size of 0 or below), and evaluation without --labels."""
 
 from __future__ import annotations
 
+import csv
 import struct
 from pathlib import Path
 
@@ -76,3 +77,74 @@ def test_check_data_names_the_file_with_a_zero_voxel_size(tmp_path: Path, capsys
     assert main(["check-data", "--config", str(recipe), "--data", str(tmp_path)]) == 2
     table = capsys.readouterr().out
     assert "c0.nii" in table and "voxel size pixdim[1] = 0 and no sform" in table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# volseg evaluate without --labels
+
+
+def _pair(tmp_path: Path, pred: np.ndarray, ref: np.ndarray, case: str = "c1") -> None:
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    save_nifti(tmp_path / "pred" / f"{case}_seg.nii.gz", pred, aff)
+    save_nifti(tmp_path / "gt" / f"{case}.nii.gz", ref, aff)
+
+
+def _summary(out: Path) -> dict[tuple[str, str], float]:
+    with open(out / "metrics_summary.csv", newline="") as f:
+        return {(r["label"], r["metric"]): float(r["mean"]) for r in csv.DictReader(f)}
+
+
+def test_evaluate_without_labels_scores_every_value_found(tmp_path: Path, capsys) -> None:
+    from volseg.cli import main
+    from volseg.evaluate import found_labels, pair_files
+
+    ref = np.zeros((20, 20, 10), np.uint8)
+    ref[2:8, 2:8, 2:6] = 1
+    ref[10:16, 10:16, 2:6] = 2
+    pred = ref.copy()
+    pred[10:16, 10:16, 2:6] = 0  # label 2 missed
+    pred[2:4, 12:14, 7:9] = 3  # a value only the prediction has
+    _pair(tmp_path, pred, ref)
+    _pair(tmp_path, ref, ref, "c2")
+    assert found_labels(pair_files(tmp_path / "pred", tmp_path / "gt")) == {"label_1": 1, "label_2": 2, "label_3": 3}
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "-o", str(tmp_path / "ev")]) == 0
+    assert "labels found in the files: label_1, label_2, label_3" in capsys.readouterr().out
+    dice = _summary(tmp_path / "ev")
+    # c1 misses label 2 and invents label 3 (Dice 0 each); c2 is perfect (label 3 absent from both: Dice 1).
+    assert (dice[("label_1", "dice")], dice[("label_2", "dice")], dice[("label_3", "dice")]) == (1.0, 0.5, 0.5)
+
+
+def test_evaluate_takes_names_from_a_recipe_or_a_bundle(tmp_path: Path) -> None:
+    from volseg.cli import main
+    from volseg.recipe import dump_recipe, recipe_from_dict
+
+    ref = np.zeros((20, 20, 10), np.uint8)
+    ref[2:8, 2:8, 2:6] = 1
+    ref[10:16, 10:16, 2:6] = 2
+    _pair(tmp_path, ref, ref)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "volseg_recipe.yaml").write_text(dump_recipe(recipe_from_dict(TINY_RECIPE)))
+    for option, value in (("--config", recipe), ("--bundle", bundle)):
+        out = tmp_path / option.strip("-")
+        assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), option, str(value), "-o", str(out)]) == 0
+        assert {label for label, _ in _summary(out)} == {"liver", "tumour"}
+    args = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--config", str(recipe), "--bundle", str(bundle)]
+    assert main(args) == 2
+
+
+def test_evaluate_without_labels_refuses_images_and_empty_maps(tmp_path: Path, capsys) -> None:
+    from volseg.cli import main
+
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1000, size=(20, 20, 10)).astype(np.int16)  # an image given as the ground truth
+    _pair(tmp_path / "a", np.zeros_like(ct, dtype=np.uint8), ct)
+    assert main(["evaluate", str(tmp_path / "a" / "pred"), str(tmp_path / "a" / "gt"), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "c1.nii.gz: holds more than 255 distinct label values" in err and err.count("\n") == 1
+    empty = np.zeros((8, 8, 4), np.uint8)
+    _pair(tmp_path / "b", empty, empty)
+    assert main(["evaluate", str(tmp_path / "b" / "pred"), str(tmp_path / "b" / "gt"), "-o", str(tmp_path)]) == 2
+    assert "no foreground label in any prediction or ground truth" in capsys.readouterr().err

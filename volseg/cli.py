@@ -260,9 +260,15 @@ def evaluate(
     pred: Annotated[Path, typer.Argument(help="prediction file or folder (NIfTI)")],
     gt: Annotated[Path, typer.Argument(help="ground-truth file or folder (NIfTI)")],
     labels: Annotated[
-        list[str] | None, typer.Option("--labels", help="name=value, repeatable (default: from --config)")
+        list[str] | None,
+        typer.Option(
+            "--labels",
+            help="name=value, repeatable (default: the labels of --config or --bundle; without either, every value "
+            "found in the files, named label_N)",
+        ),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="recipe whose labels to use")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="bundle whose recipe's labels to use")] = None,
     tolerance: Annotated[float, typer.Option(help="surface Dice tolerance in mm")] = 2.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the CSV files")] = Path("evaluation"),
     qc: Annotated[bool, typer.Option("--qc", help="also write a PNG montage per case (prediction and truth)")] = False,
@@ -271,7 +277,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Dice, IoU, HD95, average surface distance and surface Dice per case and label, with a summary."""
-    from volseg.evaluate import evaluate_files, pair_files
+    from volseg.evaluate import evaluate_files, found_labels, pair_files
 
     names: dict[str, int] = {}
     for item in labels or []:
@@ -279,14 +285,21 @@ def evaluate(
         if not sep or not value.strip().isdigit():
             raise UserError(f"'{item}' is not of the form name=value", "--labels")
         names[name.strip()] = int(value)
+    if config is not None and bundle is not None:
+        raise UserError("give the labels' names by --config or by --bundle, not both", "--bundle")
     if not names and config is not None:
         from volseg.recipe import load_recipe
 
         names = {n: lab.value for n, lab in load_recipe(config).data.labels.items()}
-    if not names:
-        raise UserError("say which labels to score: --labels liver=1 --labels tumour=2, or --config RECIPE", "--labels")
-    names = {n: v for n, v in names.items() if v != 0}
+    if not names and bundle is not None:
+        from volseg.bundle import read_bundle_recipe
+
+        names = {n: lab.value for n, lab in read_bundle_recipe(bundle).data.labels.items()}
     pairs = pair_files(pred, gt)
+    if not names:
+        names = found_labels(pairs)
+        _echo(f"labels found in the files: {', '.join(names)} (--labels name=value or --config RECIPE names them)")
+    names = {n: v for n, v in names.items() if v != 0}
     rows, summary = evaluate_files(pairs, names, tolerance, out)
     if qc:
         _evaluate_qc(pairs, out, images)

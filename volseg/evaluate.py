@@ -9,6 +9,8 @@
   statistics are over the cases where the metric is defined (``n`` of them, ``std`` the sample standard deviation,
   ``nan`` when ``n < 2``); ``n_undefined`` counts the cases where it is not (HD95 and ASSD when exactly one of the
   prediction and the reference lacks the label, see :mod:`volseg.metrics`).
+
+Which labels are scored is the caller's choice; :func:`found_labels` gives every value present in the files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PREDICTION_SUFFIX = "_seg"
 AFFINE_TOLERANCE = 1e-3
 """Largest absolute difference allowed between the prediction's and the reference's affine entries (mm)."""
+MAX_FOUND_LABELS = 255
+"""More distinct non-zero values than this in one file is taken as an image given as a label map."""
 
 CASE_COLUMNS = ("case", "label", "dice", "iou", "hd95_mm", "assd_mm", "nsd", "pred_voxels", "ref_voxels")
 SUMMARY_COLUMNS = ("label", "metric", "mean", "median", "std", "n", "n_undefined")
@@ -130,6 +134,53 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     elif data.dtype.kind not in "iub":
         raise UserError(f"has data type {data.dtype}; expected an integer label map", path)
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+_BLOCK = 1 << 24  # voxels per block when collecting label values: bounds the temporaries
+
+
+def _values(data: np.ndarray) -> set[int]:
+    """The distinct values of an integer label map, block by block (counting for 8- and 16-bit maps)."""
+    flat = np.ravel(data, order="K")
+    found: set[int] = set()
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start : start + _BLOCK]
+        if block.dtype.kind in "ub" and block.dtype.itemsize <= 2:
+            found.update(int(v) for v in np.flatnonzero(np.bincount(block)))
+        else:
+            found.update(int(v) for v in np.unique(block))
+        if len(found) > MAX_FOUND_LABELS + 1:
+            break
+    return found
+
+
+def found_labels(pairs: list[tuple[Path, Path]]) -> dict[str, int]:
+    """Every non-zero value in any prediction or ground truth of the pairs, named ``label_N``, by value.
+
+    Each file is read once here (and again when evaluated).
+
+    Raises:
+        UserError: a file cannot be read or is not a label map, holds more than :data:`MAX_FOUND_LABELS` distinct
+            values (an image?), or no file holds a foreground value.
+    """
+    values: set[int] = set()
+    for pair in pairs:
+        for path in pair:
+            data, _ = _load_labels(Path(path))
+            found = _values(data) - {0}
+            if len(found) > MAX_FOUND_LABELS:
+                raise UserError(
+                    f"holds more than {MAX_FOUND_LABELS} distinct label values: an image rather than a label map? "
+                    "(--labels name=value chooses the labels to score)",
+                    path,
+                )
+            values |= found
+    if not values:
+        raise UserError(
+            "no foreground label in any prediction or ground truth: nothing to score "
+            "(--labels name=value scores a label even where it is absent)"
+        )
+    return {f"label_{v}": v for v in sorted(values)}
 
 
 def _spatial(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
