@@ -15,6 +15,9 @@ the foreground, sliding window, softmax, back to the input grid, argmax, largest
 
 The resampling convention is that of ``torch.nn.functional.interpolate(..., align_corners=False)``: the model grid
 covers the same field of view as the input grid, so going there and back is exact in geometry.
+
+Recipes it runs: 3D, any of the CT window, MR z-score and percentile intensities, with or without a target
+spacing and orientation (:func:`unsupported_reason` says why it cannot run one).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import importlib
 import math
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,22 @@ import numpy as np
 import torch
 
 from volseg.errors import UserError
+
+
+def unsupported_reason(recipe: Any) -> str | None:
+    """Why :class:`FastEngine` cannot run a recipe, in words; None when it can.
+
+    The engine runs 3D recipes with a CT window, MR z-score or percentile intensity, with or without
+    ``data.spacing`` (null: no resampling) and ``data.orientation`` (null: the stored axes), any ``infer`` setting.
+    """
+    from volseg.recipe import CTIntensity, MRIntensity, PercentileIntensity
+
+    if recipe.model.spatial_dims != 3:
+        return f"the fast engine runs 3D recipes; this one is {recipe.model.spatial_dims}D"
+    intensity = recipe.data.intensity
+    if not isinstance(intensity, (CTIntensity, MRIntensity, PercentileIntensity)):
+        return f"the fast engine has no {type(intensity).__name__} intensity step"
+    return None
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -139,6 +159,31 @@ def model_grid(
     if np.abs(off).max() > 1e-6 * np.abs(scale).max():
         raise ValueError("the model grid is not a scaling of the input grid")
     return tuple(int(n) for n in out_shape), scale, shift
+
+
+def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile (linear interpolation) of all values of ``x``, computed as MONAI's ``percentile``
+    does: NumPy for more than a million values, ``torch.quantile`` otherwise."""
+    if x.numel() > 1_000_000:
+        value = np.percentile(x.detach().cpu().numpy(), q)
+        return torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    return torch.quantile(x, torch.tensor(q / 100.0, dtype=x.dtype, device=x.device))
+
+
+def scale_percentiles(x: torch.Tensor, lower: float, upper: float, clip: bool) -> torch.Tensor:
+    """Each channel of (C, *spatial) mapped linearly from its own [lower, upper] percentiles to [0, 1] (clamped
+    with ``clip``), as MONAI's ``ScaleIntensityRangePercentiles(b_min=0, b_max=1, channel_wise=True)``: a channel
+    whose two percentiles are equal is only shifted (by the lower one), and not clamped."""
+    out = torch.empty_like(x)
+    for c in range(x.shape[0]):
+        a_min, a_max = percentile(x[c], lower), percentile(x[c], upper)
+        if bool(a_max - a_min == 0):
+            out[c] = x[c] - a_min
+            continue
+        out[c] = (x[c] - a_min) / (a_max - a_min)
+        if clip:
+            out[c].clamp_(0.0, 1.0)
+    return out
 
 
 def importance_map(roi: tuple[int, ...], mode: str, device: torch.device) -> torch.Tensor:
@@ -286,6 +331,18 @@ def back_to_input(
 
     dev, dt = probs.device, probs.dtype
     c, xs, ys, zs = probs.shape
+    home = out_device or dev  # where the result is assembled (host memory keeps the device's use bounded)
+    start = [-float(b) for b in shift]
+    if all(float(a) == 1.0 for a in scale) and all(
+        s == round(s) and 0 <= s and s + m <= n for s, m, n in zip(start, out_shape, (xs, ys, zs), strict=True)
+    ):
+        # The same grid (no resampling, data.spacing null): a crop of the model grid, no interpolation.
+        sub = probs[(slice(None), *(slice(int(s), int(s) + m) for s, m in zip(start, out_shape, strict=True)))]
+        if want_probs:
+            return sub.to(home, copy=True)
+        labels = torch.empty((out_shape[2], out_shape[1], out_shape[0]), dtype=torch.uint8, device=home)
+        labels.permute(2, 1, 0).copy_(_argmax0(sub))
+        return labels.permute(2, 1, 0)
     px, py, pz = (
         (torch.arange(m, device=dev, dtype=torch.float64) - float(b)) / float(a)
         for m, a, b in zip(out_shape, scale, shift, strict=True)
@@ -301,7 +358,6 @@ def back_to_input(
     hi = (lo + 1).clamp(max=zs - 1)
     w = (pz - lo.to(pz.dtype)).to(dt)
     planes = probs.permute(3, 0, 1, 2)  # (Z', C, X', Y')
-    home = out_device or dev  # where the result is assembled (host memory keeps the device's use bounded)
     if want_probs:
         out = torch.empty((c, *out_shape), dtype=dt, device=home)
     else:
@@ -341,6 +397,36 @@ def _largest_component(labels: np.ndarray, values: list[int], box: tuple[slice, 
     return labels
 
 
+@dataclass(frozen=True)
+class ModelGrid:
+    """Where the network sees an image: the recipe's orientation and spacing applied to the input grid.
+
+    Attributes:
+        ornt: nibabel orientation transform from the stored axes to the recipe's (identity without one).
+        perm: view axis p is stored axis ``perm[p]``.
+        spatial: the input's spatial shape in view axis order.
+        shape: the model grid's shape.
+        scale, shift: model voxel ``j`` sits at view voxel ``scale * j + shift`` (per axis).
+        view_affine: the reoriented input's voxel-to-world affine.
+    """
+
+    ornt: np.ndarray
+    perm: list[int]
+    spatial: tuple[int, int, int]
+    shape: tuple[int, ...]
+    scale: np.ndarray
+    shift: np.ndarray
+    view_affine: np.ndarray
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The model grid's voxel-to-world affine (what MONAI's ``Spacingd`` gives the resampled image)."""
+        m = np.eye(4)
+        m[:3, :3] = np.diag(self.scale)
+        m[:3, 3] = self.shift
+        return self.view_affine @ m
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags)."""
     try:
@@ -369,7 +455,8 @@ class FastEngine:
     """Segments 3D volumes with a volseg bundle's network and recipe.
 
     Args:
-        recipe: the bundle's recipe (preprocessing, inferer and postprocessing settings).
+        recipe: the bundle's recipe (preprocessing, inferer and postprocessing settings); one that
+            :func:`unsupported_reason` refuses raises ValueError.
         network: the inference network, weights loaded, on ``device``, in eval mode.
         device: where to compute.
     """
@@ -377,14 +464,16 @@ class FastEngine:
     def __init__(
         self, recipe: Any, network: torch.nn.Module, device: torch.device, precision: str | None = None
     ) -> None:
-        from volseg.recipe import CTIntensity
+        from volseg.recipe import CTIntensity, PercentileIntensity
 
-        if recipe.model.spatial_dims != 3:
-            raise ValueError("the fast engine handles 3D recipes")
+        reason = unsupported_reason(recipe)
+        if reason is not None:
+            raise ValueError(reason)
         self.recipe = recipe
         self.network = network
         self.device = device
         self.ct = isinstance(recipe.data.intensity, CTIntensity)
+        self.percentiles = isinstance(recipe.data.intensity, PercentileIntensity)
         self.keep = [recipe.data.labels[n].value for n in recipe.infer.postprocess.largest_component]
         self.plan = "whole"
         self.slab_bytes = 256 * 2**20
@@ -415,10 +504,13 @@ class FastEngine:
     def _orient(self, arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Reorient (flip and permute axes, no resampling) to the recipe's axis codes, as MONAI's Orientation does.
 
-        Returns the reoriented view, the orientation transform and the view's affine.
+        Returns the reoriented view, the orientation transform and the view's affine. Without a recipe orientation
+        (null), the stored axes are kept.
         """
         import nibabel.orientations as nio
 
+        if self.recipe.data.orientation is None:
+            return arr, np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]), np.asarray(affine, dtype=np.float64)
         current = nio.io_orientation(affine)
         wanted = nio.axcodes2ornt(tuple(self.recipe.data.orientation))
         ornt = nio.ornt_transform(current, wanted)
@@ -445,6 +537,8 @@ class FastEngine:
         inten = self.recipe.data.intensity
         if self.ct:
             return ((x - inten.a_min) / (inten.a_max - inten.a_min)).clamp_(0.0, 1.0)
+        if self.percentiles:
+            return scale_percentiles(x, inten.percentile[0], inten.percentile[1], inten.clip)
         out = x.clone()
         for c in range(x.shape[0]):
             sel = x[c] != 0 if inten.nonzero else torch.ones_like(x[c], dtype=torch.bool)
@@ -454,36 +548,52 @@ class FastEngine:
                 out[c][sel] = (vals - vals.mean()) / (std if std > 0 else 1.0)
         return out
 
-    def segment(self, arr: np.ndarray, affine: np.ndarray, probabilities: bool = False) -> tuple[np.ndarray, Any]:
-        """Labels (uint8, the input array's layout) for a 3D (or 3D + channels) array with its affine."""
+    def to_model_grid(self, arr: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, ModelGrid]:
+        """The image on the model grid, (C, *model shape) float32 on the device, before intensity and cropping: what
+        MONAI's ``Orientationd`` and ``Spacingd`` give."""
         r = self.recipe
         view, ornt, view_affine = self._orient(arr, affine)
-        spatial = view.shape[:3]
-        model_shape, scale, shift = model_grid(spatial, view_affine, tuple(r.data.spacing))
+        spatial = (int(view.shape[0]), int(view.shape[1]), int(view.shape[2]))
+        model_shape: tuple[int, ...] = spatial
+        if r.data.spacing is None:  # no resampling: the model grid is the (reoriented) input grid
+            scale, shift = np.ones(3), np.zeros(3)
+        else:
+            model_shape, scale, shift = model_grid(spatial, view_affine, tuple(r.data.spacing))
+        perm = [int(i) for i in np.argsort(ornt[:, 0])]
+        grid = ModelGrid(ornt, perm, spatial, model_shape, scale, shift, view_affine)
         dev = self.device
         # Sample the model grid straight from the stored array: model voxel j of view axis p sits at view index
         # scale * j + shift, i.e. on stored axis perm[p], counted from the far end when that axis is flipped.
-        perm = [int(i) for i in np.argsort(ornt[:, 0])]
         pos: list[torch.Tensor] = [torch.empty(0)] * 3
-        for p_axis, q_axis in enumerate(perm):
+        for p_axis, q_axis in enumerate(grid.perm):
             u = torch.arange(model_shape[p_axis], dtype=torch.float64) * float(scale[p_axis]) + float(shift[p_axis])
             pos[q_axis] = (arr.shape[q_axis] - 1 - u) if ornt[q_axis, 1] == -1 else u
         x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         x = x[None] if x.ndim == 3 else x.permute(3, 0, 1, 2)
         self.plan = self._plan(x.numel(), int(np.prod(spatial)), int(np.prod(model_shape)))
-        if self.plan == "whole":
+        if r.data.spacing is None:
+            flips = [1 + q for q in range(3) if ornt[q, 1] == -1]
+            raw = (x.flip(flips) if flips else x).to(dev)
+        elif self.plan == "whole":
             raw = downsample(x.to(dev), pos)
         else:
             raw = downsample_slabs(x, pos, dev, self.slab_bytes)
-        raw_small = raw.permute(0, *[1 + q for q in perm]).contiguous()
-        del x, raw
+        return raw.permute(0, *[1 + q for q in grid.perm]).contiguous(), grid
+
+    def segment(self, arr: np.ndarray, affine: np.ndarray, probabilities: bool = False) -> tuple[np.ndarray, Any]:
+        """Labels (uint8, the input array's layout) for a 3D (or 3D + channels) array with its affine."""
+        r = self.recipe
+        raw_small, grid = self.to_model_grid(arr, affine)
+        ornt, perm, spatial = grid.ornt, grid.perm, grid.spatial
+        model_shape, scale, shift = grid.shape, grid.scale, grid.shift
+        dev = self.device
         fg: torch.Tensor | None
-        if self.ct:
+        if self.ct:  # window first, then crop to the body (air is 0 after windowing)
             img = self._intensity(raw_small)
             fg = img.amax(dim=0) > 0
-        else:
+        else:  # crop on the raw image, then normalise the crop (MONAI's chain: CropForegroundd, then intensity)
             fg = raw_small.amax(dim=0) > 0 if r.data.crop_foreground else None
-            img = self._intensity(raw_small)
+            img = raw_small
         del raw_small
         lo, hi = [0, 0, 0], list(model_shape)
         if r.data.crop_foreground and fg is not None and bool(fg.any()):
@@ -491,6 +601,8 @@ class FastEngine:
             lo = [int(i[0]) for i in idx]
             hi = [int(i[-1]) + 1 for i in idx]
         crop = img[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        if not self.ct:
+            crop = self._intensity(crop)
         border = int(r.infer.mirror_border)
         if border:  # the overlap-tile strategy: mirrored context around the whole image, removed after
             import torch.nn.functional as F
