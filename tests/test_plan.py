@@ -309,3 +309,61 @@ def test_train_plans_when_no_recipe_is_given(tmp_path: Path, capsys: pytest.Capt
     assert f"recipe: {run / P.PLAN_FILE}" in printed
     assert (run / P.PLAN_FILE).is_file() and (run / "volseg_plan.fingerprint.json").is_file()
     assert (run / "models" / "model.pt").is_file()
+
+
+def test_whole_image_z_score_is_not_cropped() -> None:
+    fp = make_fp([(1.0, 1.0, 1.0)] * 4, [(100, 100, 100)] * 4, kept=0.85)
+    intensity, _ = P.determine_normalization(fp, "MR", 0.85)
+    assert intensity == {"nonzero": False}  # cropping keeps more than 3/4: z-score over the whole image
+    crop, kept, why = P.determine_crop(fp, intensity)
+    assert crop is False and kept == pytest.approx(0.85, abs=0.02) and "above the mean" in why
+    assert P.determine_crop(fp, {"nonzero": True})[0] is True
+
+
+def _msd_brain(root: Path, n: int = 3) -> Path:
+    """A 4-channel MR data set in the MSD layout (one 4D NIfTI per case), background zero outside a box."""
+    rng = np.random.default_rng(0)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    affine = np.diag([1.2, 1.2, 2.0, 1.0])
+    training = []
+    for i in range(n):
+        image = np.zeros((24, 24, 12, 4), np.float32)
+        image[4:20, 4:20, 2:10] = rng.normal(100, 10, (16, 16, 8, 4)) + np.array([0, 200, 400, 600])
+        label = np.zeros((24, 24, 12), np.uint8)
+        label[8:14, 8:14, 4:8] = 1
+        label[10:12, 10:12, 5:7] = 2
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"brain_{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"brain_{i}.nii.gz")
+        training.append({"image": f"./imagesTr/brain_{i}.nii.gz", "label": f"./labelsTr/brain_{i}.nii.gz"})
+    meta = {
+        "name": "BrainTumour",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "enhancing tumour"},
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_fingerprint_and_plan_of_multichannel_msd(tmp_path: Path) -> None:
+    fp = P.fingerprint_dataset(_msd_brain(tmp_path / "Task01"))
+    assert fp["n_channels"] == 4 and fp["modality"] == "MR" and fp["name"] == "BrainTumour"
+    means = [c["mean"] for c in fp["channels"]]
+    assert means == sorted(means) and means[3] - means[0] > 500  # per-channel statistics
+    assert fp["cases"][0]["cropped_shape"] == [16, 16, 8]
+    assert fp["labels"]["2"]["name"] == "enhancing tumour"
+    result = plan(fp, device="cpu")
+    r = result.recipe
+    assert r["model"]["in_channels"] == 4 and r["data"]["modality"] == "MR"
+    assert list(r["data"]["labels"]) == ["background", "edema", "enhancing tumour"]
+    assert r["data"]["intensity"] == {"nonzero": True} and r["data"]["crop_foreground"] is True
+    assert r["data"]["spacing"] == [1.2, 1.2, 2.0]
+    assert yaml.safe_load(P.recipe_yaml(result)) == r
+
+
+@pytest.mark.slow
+def test_measured_step() -> None:
+    model = {"name": "unet", "spatial_dims": 2, "in_channels": 1, "args": {"channels": [8, 16], "strides": [2]}}
+    seconds = P.measure_step_seconds(model, (32, 32), 2, n_classes=2, steps=1)
+    assert 0 < seconds < 60

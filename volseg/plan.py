@@ -410,11 +410,25 @@ def determine_modality(fp: Fingerprint) -> tuple[str, Reason]:
     return "other", "no modality given and intensities unlike CT's: treated as MR-like (per-case z-score)"
 
 
-def determine_crop(fp: Fingerprint) -> tuple[bool, float, Reason]:
-    """Crop to the nonzero region unless it removes almost nothing; also the median kept volume fraction."""
+def determine_crop(fp: Fingerprint, intensity: dict[str, Any] | None = None) -> tuple[bool, float, Reason]:
+    """Crop to the nonzero region unless it removes almost nothing; also the median kept volume fraction.
+
+    volseg crops after normalising, to the voxels above 0. That is the nonzero region after a CT window (air maps
+    to 0) or a z-score inside the nonzero mask (background stays 0), but after a z-score over the whole image it
+    would be the voxels brighter than the mean: no crop then.
+    """
     kept = float(np.median([np.prod(c["cropped_shape"]) / max(1, np.prod(c["shape"])) for c in fp["cases"]]))
     if kept > 0.95:
         return False, kept, f"cropping to the nonzero region keeps {kept:.0%} of the median volume: not worth it"
+    if intensity is not None and intensity.get("nonzero") is False:
+        return (
+            False,
+            kept,
+            (
+                f"cropping to the nonzero region would keep {kept:.0%} of the median volume, but the crop follows the "
+                "whole-image z-score, after which it would cut to the voxels above the mean"
+            ),
+        )
     return True, kept, f"cropping to the nonzero region keeps {kept:.0%} of the median volume"
 
 
@@ -829,7 +843,7 @@ def measure_step_seconds(
     model: dict[str, Any], patch: Sequence[int], batch: int, *, n_classes: int, device: str = "cpu", steps: int = 3
 ) -> float:
     """Median seconds of one training step (forward, DiceCE, backward, AdamW) of the planned network on a random
-    batch, after one warm-up step."""
+    batch, after two warm-up steps; in the arithmetic and memory layout training uses."""
     import torch
     from monai.losses import DiceCELoss
 
@@ -837,21 +851,29 @@ def measure_step_seconds(
 
     dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     net = create_network(model["name"], model["spatial_dims"], model["in_channels"], n_classes, model["args"]).to(dev)
+    if dev.type == "cpu" and len(patch) == 3:
+        net.to(memory_format=torch.channels_last_3d)  # as training lays out 3D networks on a CPU
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    from volseg.fastpath import cpu_has_native_bf16
+
+    # As training runs: CUDA AMP, bfloat16 autocast on CPUs with native bf16, float32 otherwise.
+    autocast = dev.type == "cuda" or cpu_has_native_bf16()
+    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     x = torch.randn(batch, model["in_channels"], *patch, device=dev)
     y = torch.randint(0, n_classes, (batch, 1, *patch), device=dev)
     times = []
-    for i in range(steps + 1):
+    warmup = 2  # the first steps build the convolution primitives
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=dtype, enabled=autocast):
             loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -929,8 +951,9 @@ def plan_recipe(
     modality, why_mod = determine_modality(fp)
     spacing, why_sp = determine_target_spacing(fp)
     orientation, why_or = determine_orientation(fp)
-    crop, kept, why_crop = determine_crop(fp)
+    _, kept, _ = determine_crop(fp)
     intensity, why_int = determine_normalization(fp, modality, kept)
+    crop, kept, why_crop = determine_crop(fp, intensity)
     budget, why_mem = _memory_target(device, memory_gb)
     amp = True
     patch, strides, kernels, why_patch = determine_patch_size(
