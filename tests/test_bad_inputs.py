@@ -1,4 +1,5 @@
-"""Inputs that used to pass in silence (a voxel size of 0 or below), and evaluation without --labels."""
+"""Inputs that used to pass in silence (NaN and Inf voxels, a voxel size of 0 or below), and evaluation without
+--labels."""
 
 from __future__ import annotations
 
@@ -9,11 +10,136 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.conftest import TINY_RECIPE, save_nifti
-from volseg.data.validate import check_image_file
+from tests.test_monai_drift import _recipe, monai_chain, random_net
+from volseg.data.validate import check_image_file, replace_non_finite
 from volseg.errors import UserError
+from volseg.fastpath import FastEngine
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN and Inf voxels
+
+
+def test_replace_non_finite_counts_and_fills() -> None:
+    x = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4) - 5.0  # finite values -5 .. 18
+    x[0, 0, 0, :2] = float("nan")  # -5 and -4 gone: the smallest finite value is -3
+    x[0, 1, 2, 3] = float("inf")  # 18 gone: the largest is 17
+    x[0, 1, 0, 0] = -float("inf")
+    original = x.clone()
+    out, note = replace_non_finite(x, "scan.nii.gz")
+    assert note == (
+        "2 NaN and 1 -Inf and 1 +Inf voxels (of 24) replaced: NaN and -Inf by the smallest finite value (-3); "
+        "+Inf by the largest (17)"
+    )
+    assert int(torch.isnan(x).sum()) == 2 and int(torch.isinf(x).sum()) == 2  # the input is left as it was
+    assert torch.isfinite(out).all()
+    assert out[0, 0, 0, :2].tolist() == [-3.0, -3.0] and out[0, 1, 0, 0] == -3.0 and out[0, 1, 2, 3] == 17.0
+    keep = torch.isfinite(original)
+    assert torch.equal(out[keep], original[keep])
+
+
+def test_replace_non_finite_leaves_finite_images_alone() -> None:
+    x = torch.rand(2, 5, 6, 7)
+    out, note = replace_non_finite(x)
+    assert out is x and note is None
+    ints = torch.zeros(1, 3, 3, 3, dtype=torch.int16)
+    assert replace_non_finite(ints) == (ints, None)
+    huge = torch.full((1, 40, 40, 40), 3e38)  # the sum overflows to inf, the voxels are finite
+    out, note = replace_non_finite(huge)
+    assert out is huge and note is None
+
+
+def test_replace_non_finite_per_channel_and_refuses_an_empty_channel() -> None:
+    x = torch.zeros(2, 4, 4, 4)
+    x[0] = 10.0
+    x[0, 0, 0, 0] = float("nan")
+    x[1] = torch.linspace(-2.0, 5.0, 64).reshape(4, 4, 4)
+    x[1, 3, 3, 3] = float("nan")
+    out, note = replace_non_finite(x)
+    assert out[0, 0, 0, 0] == 10.0 and out[1, 3, 3, 3] == -2.0
+    assert note is not None and "2 NaN voxels (of 128)" in note and "channel 0: 10, channel 1: -2" in note
+    x[1] = float("nan")
+    with pytest.raises(UserError, match="scan.nii: no finite voxel: channel 1 has only NaN or Inf values"):
+        replace_non_finite(x, "scan.nii")
+
+
+def _nan_head(tmp_path: Path) -> tuple[np.ndarray, np.ndarray, Path]:
+    """A CT-like head whose outer slab is NaN (outside a registration's field of view) with a NaN hole inside,
+    saved as NIfTI."""
+    rng = np.random.default_rng(0)
+    img = np.full((30, 28, 12), -1000.0, np.float32)
+    img[4:26, 5:24, 2:10] = rng.normal(60.0, 40.0, size=(22, 19, 8))
+    img[:, 20:, :] = np.nan  # 30 x 8 x 12 = 2880 voxels
+    img[12:16, 8:12, 5] = np.nan  # 16 more, inside the head
+    img[3, 3, 3] = np.inf
+    affine = np.diag([-1.2, -1.1, 2.5, 1.0])
+    src = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(img, affine), src)
+    return img, affine, src
+
+
+def test_both_engines_replace_nan_voxels_alike_and_say_so(tmp_path: Path) -> None:
+    from volseg.monai_compat import preprocess
+
+    recipe = _recipe({"intensity": {"a_min": -175, "a_max": 250}})
+    net = random_net(recipe)
+    img, affine, src = _nan_head(tmp_path)
+    engine = FastEngine(recipe, net, torch.device("cpu"), "fp32")
+    ours, _ = engine.segment(img, affine)
+    assert np.isnan(img).sum() == 2896  # the caller's array is left as it was
+    top = float(img[np.isfinite(img)].max())
+    assert engine.notes == [
+        f"2896 NaN and 1 +Inf voxels (of 10080) replaced: NaN by the smallest finite value (-1000); +Inf by the "
+        f"largest ({top:g})"
+    ]
+    # The same labels as for the image with the replacement made by hand: nothing else changed.
+    filled = np.where(np.isnan(img), -1000.0, np.where(np.isinf(img), top, img))
+    by_hand, _ = FastEngine(recipe, net, torch.device("cpu"), "fp32").segment(filled.astype(np.float32), affine)
+    np.testing.assert_array_equal(ours, by_hand)
+    head = np.isfinite(img) & (img > -1000)
+    assert 0.05 < (ours[head] == 1).mean() < 0.95  # a segmentation, not all background
+    # The MONAI chain with the same replacement (volseg.monai_compat.preprocess) gives the same labels.
+    pre, inferer, post = monai_chain(recipe)
+    data, note = preprocess(pre, {"image": str(src)}, src)
+    assert note == engine.notes[0]
+    with torch.inference_mode():
+        data["pred"] = inferer(data["image"][None], net)[0]
+    ref = np.asarray(post(data)["pred"][0]).astype(np.uint8)
+    assert (ours == ref)[head].mean() > 0.999 and (ref[head] == 1).mean() > 0.05
+    # Without it, the NaN inside the head spreads through resampling and every window it touches: all background.
+    data = pre({"image": str(src)})
+    with torch.inference_mode():
+        data["pred"] = inferer(data["image"][None], net)[0]
+    assert not np.asarray(post(data)["pred"]).any()
+
+
+def test_an_image_without_a_finite_voxel_is_refused(tmp_path: Path) -> None:
+    recipe = _recipe()
+    engine = FastEngine(recipe, random_net(recipe), torch.device("cpu"), "fp32")
+    with pytest.raises(UserError, match="no finite voxel"):
+        engine.segment(np.full((20, 20, 10), np.nan, np.float32), np.eye(4))
+
+
+def test_check_data_reports_nan_and_inf_images(tmp_path: Path) -> None:
+    from volseg.data.checks import check_data
+    from volseg.data.synth import liver_ct_phantom
+    from volseg.recipe import recipe_from_dict
+
+    for k in range(2):
+        ph = liver_ct_phantom(40 + k, shape=(24, 24, 12))
+        image = ph.image.astype(np.float32)
+        if k == 1:
+            image[:3, :2, :1] = np.nan
+            image[5, 5, 5] = -np.inf
+        save_nifti(tmp_path / "images" / f"c{k}.nii.gz", image, ph.affine)
+        save_nifti(tmp_path / "labels" / f"c{k}.nii.gz", ph.label, ph.affine)
+    report = check_data(recipe_from_dict(TINY_RECIPE), tmp_path)
+    errors = [(Path(f.path).name, f.problem) for f in report.errors]
+    assert errors == [("c1.nii.gz", "6 NaN and 1 Inf voxels (of 6912): training would produce NaN losses")]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Voxel sizes

@@ -17,7 +17,9 @@ The resampling convention is that of ``torch.nn.functional.interpolate(..., alig
 covers the same field of view as the input grid, so going there and back is exact in geometry.
 
 Recipes it runs: 3D, any of the CT window, MR z-score and percentile intensities, with or without a target
-spacing and orientation (:func:`unsupported_reason` says why it cannot run one).
+spacing and orientation (:func:`unsupported_reason` says why it cannot run one). Non-finite input voxels are
+replaced as :func:`volseg.data.validate.replace_non_finite` says, and the replacement is reported in
+:attr:`FastEngine.notes`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from volseg.data.validate import replace_non_finite
 from volseg.errors import UserError
 
 
@@ -459,6 +462,10 @@ class FastEngine:
             :func:`unsupported_reason` refuses raises ValueError.
         network: the inference network, weights loaded, on ``device``, in eval mode.
         device: where to compute.
+
+    Attributes:
+        notes: what the last :meth:`segment` call has to tell about its input (non-finite voxels replaced), one
+            line each.
     """
 
     def __init__(
@@ -474,6 +481,7 @@ class FastEngine:
         self.device = device
         self.ct = isinstance(recipe.data.intensity, CTIntensity)
         self.percentiles = isinstance(recipe.data.intensity, PercentileIntensity)
+        self.notes: list[str] = []
         self.keep = [recipe.data.labels[n].value for n in recipe.infer.postprocess.largest_component]
         self.plan = "whole"
         self.slab_bytes = 256 * 2**20
@@ -550,7 +558,8 @@ class FastEngine:
 
     def to_model_grid(self, arr: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, ModelGrid]:
         """The image on the model grid, (C, *model shape) float32 on the device, before intensity and cropping: what
-        MONAI's ``Orientationd`` and ``Spacingd`` give."""
+        MONAI's ``Orientationd`` and ``Spacingd`` give. Non-finite voxels are replaced first (noted in :attr:`notes`).
+        """
         r = self.recipe
         view, ornt, view_affine = self._orient(arr, affine)
         spatial = (int(view.shape[0]), int(view.shape[1]), int(view.shape[2]))
@@ -570,6 +579,9 @@ class FastEngine:
             pos[q_axis] = (arr.shape[q_axis] - 1 - u) if ornt[q_axis, 1] == -1 else u
         x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         x = x[None] if x.ndim == 3 else x.permute(3, 0, 1, 2)
+        x, note = replace_non_finite(x)
+        if note:
+            self.notes.append(note)
         self.plan = self._plan(x.numel(), int(np.prod(spatial)), int(np.prod(model_shape)))
         if r.data.spacing is None:
             flips = [1 + q for q in range(3) if ornt[q, 1] == -1]
@@ -581,8 +593,13 @@ class FastEngine:
         return raw.permute(0, *[1 + q for q in grid.perm]).contiguous(), grid
 
     def segment(self, arr: np.ndarray, affine: np.ndarray, probabilities: bool = False) -> tuple[np.ndarray, Any]:
-        """Labels (uint8, the input array's layout) for a 3D (or 3D + channels) array with its affine."""
+        """Labels (uint8, the input array's layout) for a 3D (or 3D + channels) array with its affine.
+
+        Non-finite voxels are replaced (:func:`volseg.data.validate.replace_non_finite`; the caller's array is not
+        changed) and :attr:`notes` says so. Returns (labels, probabilities or None).
+        """
         r = self.recipe
+        self.notes = []
         raw_small, grid = self.to_model_grid(arr, affine)
         ornt, perm, spatial = grid.ornt, grid.perm, grid.spatial
         model_shape, scale, shift = grid.shape, grid.scale, grid.shift

@@ -14,6 +14,9 @@ refuses what nibabel and MONAI would either crash on or read wrongly:
   ``pixdim``, and nibabel would silently take 1 mm for 0 and the absolute value of a negative size);
 * voxel data shorter than the header says.
 
+Voxel values are not read here: :func:`replace_non_finite` is the inference engines' step for NaN and Inf voxels
+(``volseg check-data`` reports them as errors in training data).
+
 Other formats: a DICOM series folder goes through :func:`volseg.data.dicom.read_series`; NRRD, MHA/MHD, PNG and
 TIFF have their header read by SimpleITK. Every problem is a :class:`~volseg.errors.UserError` with a one-line
 message naming the file.
@@ -32,7 +35,7 @@ import numpy as np
 
 from volseg.errors import UserError
 
-__all__ = ["MAX_VOXELS", "SUPPORTED_DTYPES", "check_image_file", "one_line", "sitk_reason"]
+__all__ = ["MAX_VOXELS", "SUPPORTED_DTYPES", "check_image_file", "one_line", "replace_non_finite", "sitk_reason"]
 
 #: More voxels than this in one file is taken as a garbled header rather than an image.
 MAX_VOXELS = 10**9
@@ -388,3 +391,72 @@ def sitk_reason(exc: BaseException) -> str:
             text = text.split("):", 1)[-1].strip() if "):" in text else text
             return text[:200] or type(exc).__name__
     return lines[-1][:200] if lines else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------------
+# Voxel values
+
+
+def replace_non_finite(image: Any, path: str | Path | None = None) -> tuple[Any, str | None]:
+    """NaN and Inf voxels of a channel-first image replaced by finite values, with a note saying so.
+
+    NaN marks missing data in float images (voxels outside the field of view after registration or resampling,
+    undefined values of parametric MR maps); left in, it spreads through resampling, normalisation and every
+    convolution window it touches, and the segmentation comes out as background without a word. Per channel,
+    NaN and -Inf become the channel's smallest finite value (no signal) and +Inf its largest. Both inference
+    engines call this on the image as read, before any resampling, so they see the same values.
+
+    Args:
+        image: a float ``torch.Tensor`` (or MONAI ``MetaTensor``) of shape (C, *spatial), as read (any strides).
+        path: the file, for the error message.
+
+    Returns:
+        ``(image, None)``, the same object, when every voxel is finite (one pass over the data, nothing copied);
+        otherwise ``(a corrected copy, note)``, the note one line: the counts and the values put in.
+
+    Raises:
+        UserError: a channel has no finite voxel at all.
+    """
+    import torch
+
+    if not image.is_floating_point() or bool(torch.isfinite(image.sum())):
+        return image, None  # a finite sum means finite voxels (NaN and Inf propagate); an overflow is checked below
+    out = image.clone()
+    n_nan = n_neg = n_pos = 0
+    low: list[str] = []
+    high: list[str] = []
+    multi = out.shape[0] > 1
+    for c in range(out.shape[0]):
+        channel = out[c]
+        finite = torch.isfinite(channel)
+        if bool(finite.all()):
+            continue
+        if not bool(finite.any()):
+            which = f"channel {c} has" if multi else "it has"
+            raise UserError(f"no finite voxel: {which} only NaN or Inf values", path)
+        values = channel[finite]
+        lo, hi = values.min(), values.max()
+        nan, inf = torch.isnan(channel), torch.isinf(channel)
+        neg, pos = inf & (channel < 0), inf & (channel > 0)
+        counts = int(nan.sum()), int(neg.sum()), int(pos.sum())
+        n_nan, n_neg, n_pos = n_nan + counts[0], n_neg + counts[1], n_pos + counts[2]
+        channel[nan | neg] = lo
+        channel[pos] = hi
+        where = f"channel {c}: " if multi else ""
+        if counts[0] or counts[1]:
+            low.append(f"{where}{float(lo):g}")
+        if counts[2]:
+            high.append(f"{where}{float(hi):g}")
+    total = n_nan + n_neg + n_pos
+    if not total:
+        return image, None  # the sum overflowed; the voxels are finite
+    found = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_neg, "-Inf"), (n_pos, "+Inf")) if n)
+    whose = "the channel's" if multi else "the"
+    put = []
+    if low:
+        kinds = " and ".join(kind for n, kind in ((n_nan, "NaN"), (n_neg, "-Inf")) if n)
+        put.append(f"{kinds} by {whose} smallest finite value ({', '.join(low)})")
+    if high:
+        put.append(f"+Inf by {whose} largest ({', '.join(high)})")
+    plural = "s" if total > 1 else ""
+    return out, f"{found} voxel{plural} (of {image.numel()}) replaced: {'; '.join(put)}"
