@@ -1,8 +1,10 @@
 """The fast engine against MONAI's own transforms: the model grid against ``Spacing``/``Orientationd``+``Spacingd``
-themselves, and the recipes it runs against the bundle's MONAI chain."""
+themselves, the recipes it runs against the bundle's MONAI chain, and the warning for an untested MONAI release."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from volseg.fastpath import FastEngine, model_grid, unsupported_reason
+from tests.conftest import REPO
+from volseg.fastpath import TESTED_MONAI, FastEngine, model_grid, monai_drift_warning, unsupported_reason
 from volseg.recipe import recipe_from_dict
 
 
@@ -208,3 +211,61 @@ def test_fast_engine_equals_the_monai_chain_on_recipe(name: str, tmp_path: Path)
     # the fast engine has exact zeros there: background. Nowhere else may they differ.
     differ = ours != ref
     assert (ours[differ & ~head] == 0).all() and differ[head].sum() <= 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The MONAI release
+
+
+def test_tested_monai_range_holds_the_installed_release() -> None:
+    import importlib.metadata
+
+    lo, hi = TESTED_MONAI
+    assert tuple(int(v) for v in lo.split(".")) < tuple(int(v) for v in hi.split("."))
+    installed = importlib.metadata.version("monai")
+    assert monai_drift_warning() is None, installed  # the suite runs on a checked release
+
+
+@pytest.mark.parametrize(
+    ("version", "warns"),
+    [("1.6.0", False), ("1.6.1", False), ("1.6.9.dev2501", False), ("1.7.0", True), ("1.7.0rc1", True),
+     ("1.5.2", True), ("2.0", True), ("0.9.1", True)],
+)  # fmt: skip
+def test_monai_drift_warning_outside_the_range(version: str, warns: bool, monkeypatch) -> None:
+    import volseg.fastpath as fp
+
+    monkeypatch.setattr(fp, "TESTED_MONAI", ("1.6", "1.7"))  # a range to test against
+    text = monai_drift_warning(version)
+    assert (text is not None) == warns
+    if text:
+        assert version in text and ">=1.6,<1.7" in text and "--engine monai" in text
+
+
+def test_monai_drift_warning_does_not_import_monai() -> None:
+    code = (
+        "import sys\n"
+        "import volseg.fastpath as fp\n"
+        "fp.TESTED_MONAI = ('0.1', '0.2')\n"
+        "print('WARNING', fp.monai_drift_warning())\n"
+        "print('LOADED', 'monai' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED False" in out.stdout
+    assert "WARNING warning: MONAI 1." in out.stdout  # the installed version, read from the package metadata
+
+
+def test_fast_engine_tells_the_drift_once(monkeypatch) -> None:
+    import volseg.fastpath as fp
+
+    monkeypatch.setattr(fp, "TESTED_MONAI", ("0.1", "0.2"))
+    recipe = _recipe()
+    engine = FastEngine(recipe, random_net(recipe), torch.device("cpu"), "fp32")
+    assert len(engine.engine_notes) == 1
+    assert engine.engine_notes[0].startswith("warning: MONAI 1.")
+    assert "fast engine was checked against MONAI >=0.1,<0.2" in engine.engine_notes[0]
+    img, affine = _head_image()
+    engine.segment(img, affine)
+    assert engine.notes == []  # per image: only what concerns the image
+    monkeypatch.setattr(fp, "TESTED_MONAI", ("0.0", "99"))
+    assert FastEngine(recipe, random_net(recipe), torch.device("cpu"), "fp32").engine_notes == []

@@ -19,13 +19,16 @@ covers the same field of view as the input grid, so going there and back is exac
 Recipes it runs: 3D, any of the CT window, MR z-score and percentile intensities, with or without a target
 spacing and orientation (:func:`unsupported_reason` says why it cannot run one). Non-finite input voxels are
 replaced as :func:`volseg.data.validate.replace_non_finite` says, and the replacement is reported in
-:attr:`FastEngine.notes`.
+:attr:`FastEngine.notes`; :attr:`FastEngine.engine_notes` holds :func:`monai_drift_warning` when the installed MONAI
+is not one the engine was checked against (:data:`TESTED_MONAI`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import math
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -37,6 +40,48 @@ import torch
 
 from volseg.data.validate import replace_non_finite
 from volseg.errors import UserError
+
+TESTED_MONAI = ("1.5", "1.7")
+"""MONAI releases the fast engine was checked against: ``>= TESTED_MONAI[0]`` and ``< TESTED_MONAI[1]``.
+
+The engine re-implements MONAI's ``Spacing`` grid, ``Orientation``, intensity transforms, sliding-window blending
+and UNet; ``tests/test_monai_drift.py`` and ``tests/test_fastpath.py`` compare them with MONAI's own, and passed
+with MONAI 1.5.1 and 1.6.1. Outside this range they have not been run: widen it only after running them there.
+"""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string: ``1.6.1`` -> (1, 6, 1), ``1.7.0rc1`` -> (1, 7, 0)."""
+    parts: list[int] = []
+    for piece in version.split("."):
+        m = re.match(r"\d+", piece)
+        if m is None:
+            break
+        parts.append(int(m.group()))
+        if m.end() < len(piece):
+            break
+    return tuple(parts)
+
+
+def monai_drift_warning(version: str | None = None) -> str | None:
+    """A one-line warning when the installed MONAI (or ``version``) is outside :data:`TESTED_MONAI`, else None.
+
+    The version is read from the package metadata (``importlib.metadata``): MONAI is not imported. None when MONAI
+    is not installed (there is no chain to drift from).
+    """
+    if version is None:
+        try:
+            version = importlib.metadata.version("monai")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    lo, hi = TESTED_MONAI
+    if _release(lo) <= _release(version) < _release(hi):
+        return None
+    return (
+        f"warning: MONAI {version} is installed, but the fast engine was checked against MONAI >={lo},<{hi} (it "
+        "re-implements MONAI's resampling grid, sliding window and UNet); compare with --engine monai before relying "
+        "on it"
+    )
 
 
 def unsupported_reason(recipe: Any) -> str | None:
@@ -464,6 +509,7 @@ class FastEngine:
         device: where to compute.
 
     Attributes:
+        engine_notes: lines about the engine as a whole, to tell once (:func:`monai_drift_warning`).
         notes: what the last :meth:`segment` call has to tell about its input (non-finite voxels replaced), one
             line each.
     """
@@ -481,6 +527,8 @@ class FastEngine:
         self.device = device
         self.ct = isinstance(recipe.data.intensity, CTIntensity)
         self.percentiles = isinstance(recipe.data.intensity, PercentileIntensity)
+        drift = monai_drift_warning()
+        self.engine_notes: list[str] = [drift] if drift else []
         self.notes: list[str] = []
         self.keep = [recipe.data.labels[n].value for n in recipe.infer.postprocess.largest_component]
         self.plan = "whole"
