@@ -852,7 +852,7 @@ def measure_step_seconds(
     dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     net = create_network(model["name"], model["spatial_dims"], model["in_channels"], n_classes, model["args"]).to(dev)
     if dev.type == "cpu" and len(patch) == 3:
-        net.to(memory_format=torch.channels_last_3d)  # as training lays out 3D networks on a CPU
+        net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # as training does on a CPU
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     from volseg.fastpath import cpu_has_native_bf16
