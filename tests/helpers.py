@@ -178,3 +178,24 @@ def assert_agreement(
         if name in required or int(np.count_nonzero(b == v)) >= min_voxels:
             assert out[name] >= min_dice, f"{name}: Dice {out[name]:.4f} between the two, below {min_dice}"
     return out
+
+
+def write_random_bundle(root: Path, seed: int = 0, recipe: Mapping | None = None) -> Path:
+    """A volseg bundle of ``recipe`` (default TINY_RECIPE) with random weights: configs exactly volseg's, the
+    network's state dict as models/model.pt. Its outputs are arbitrary but deterministic for a seed."""
+    import json
+
+    import torch
+
+    from volseg.bundle import write_bundle_configs
+    from volseg.nets import create_network
+    from volseg.recipe import recipe_from_dict
+
+    parsed = recipe_from_dict(json.loads(json.dumps(recipe or TINY_RECIPE)))
+    write_bundle_configs(parsed, root)
+    m = parsed.model
+    torch.manual_seed(seed)
+    net = create_network(m.name, m.spatial_dims, m.in_channels, parsed.num_classes, m.args, for_inference=True)
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root

@@ -235,3 +235,77 @@ def test_write_dataset_variety(tmp_path):
         write_dataset(tmp_path / "x", n=1, variety="easy")
     with pytest.raises(UserError, match="variety"):
         liver_ct_phantom(0, variety="easy", shape=TINY)
+
+
+# --- the independent torso family (held-out evaluation only) ------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_torso(monkeypatch):
+    """Cap the torso demo grid at 48 x 48 x 24 voxels (the model lattice coarsens with it), for speed."""
+    from volseg.data import synth_torso
+
+    monkeypatch.setattr(synth_torso, "_DEMO_MATRIX", 48)
+    monkeypatch.setattr(synth_torso, "_DEMO_SLICES", 24)
+    return synth_torso
+
+
+def test_torso_is_deterministic_oblique_anisotropic_and_labelled(tiny_torso):
+    a = tiny_torso.torso_ct_phantom(1)
+    b = tiny_torso.torso_ct_phantom(1)
+    assert a.image.tobytes() == b.image.tobytes() and a.label.tobytes() == b.label.tobytes()
+    assert np.array_equal(a.affine, b.affine)
+    assert not np.array_equal(tiny_torso.torso_ct_phantom(2).label, tiny_torso.torso_ct_phantom(3).label)
+    codes = set()
+    for seed in range(4):
+        p = tiny_torso.torso_ct_phantom(seed)
+        assert p.image.dtype == np.int16 and p.label.dtype == np.uint8 and p.image.shape == p.label.shape
+        assert set(np.unique(p.label).tolist()) <= {0, 1, 2} and (p.label == 1).any()
+        if any(t["diameter_mm"] > 20 for t in p.info["tumours"]):
+            assert (p.label == 2).any()
+        zooms = nib.affines.voxel_sizes(p.affine)
+        assert zooms[0] == pytest.approx(zooms[1]) and zooms[2] > 1.2 * zooms[0]  # anisotropic
+        direction = p.affine[:3, :3] / zooms
+        assert np.allclose(direction.T @ direction, np.eye(3), atol=1e-5)
+        off_axis = np.abs(direction[~np.eye(3, dtype=bool)])
+        assert off_axis.max() > 0.01 and np.abs(np.diag(direction)).min() > 0.99  # tilted 1-6 degrees
+        codes.add("".join(nib.aff2axcodes(p.affine)))
+    assert codes == {"LPS", "RAS"}
+
+
+def test_torso_liver_sits_on_the_patients_right(tiny_torso):
+    for seed in range(3):
+        p = tiny_torso.torso_ct_phantom(seed)
+        liver = p.affine[:3, :3] @ np.argwhere(p.label > 0).mean(axis=0)
+        body = p.affine[:3, :3] @ np.argwhere(p.image > -500).mean(axis=0)
+        assert liver[0] - body[0] > 20  # RAS+ x grows toward the patient's right
+
+
+def test_write_torso_dataset_is_held_out_only(tiny_torso, tmp_path):
+    path = tiny_torso.write_torso_dataset(tmp_path / "t", n=2, seed=4)
+    meta = json.loads(path.read_text())
+    assert (meta["numTraining"], meta["numTest"], meta["training"]) == (0, 2, [])
+    assert meta["test"] == ["./imagesTs/torso_000.nii.gz", "./imagesTs/torso_001.nii.gz"]
+    assert meta["labels"] == {"0": "background", "1": "liver", "2": "tumour"} and meta["synthetic"]["held_out_only"]
+    assert not (tmp_path / "t" / "imagesTr").exists()
+    image = nib.load(tmp_path / "t" / "imagesTs" / "torso_001.nii.gz")
+    label = nib.load(tmp_path / "t" / "labelsTs" / "torso_001.nii.gz")
+    expected = tiny_torso.torso_ct_phantom(tiny_torso.torso_case_seed(4, 1))
+    assert np.array_equal(image.affine, expected.affine) and int(image.header["sform_code"]) == 1
+    assert np.array_equal(np.asarray(image.dataobj), expected.image)
+    assert np.array_equal(np.asarray(label.dataobj), expected.label)
+    with pytest.raises(UserError, match="size"):
+        tiny_torso.write_torso_dataset(tmp_path / "u", n=1, size="huge")
+    with pytest.raises(UserError, match="n must"):
+        tiny_torso.write_torso_dataset(tmp_path / "u", n=0)
+
+
+def test_synth_command_variety_and_torso_task(tiny_torso, tmp_path, capsys):
+    from volseg import cli
+
+    assert cli.main(["synth", "--task", "torso_ct", "-n", "1", "-o", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "dataset.json").read_text())["numTest"] == 1
+    assert "held-out" in capsys.readouterr().out
+    assert cli.main(["synth", "-n", "1", "--variety", "hard", "-o", str(tmp_path / "h")]) == 0
+    assert json.loads((tmp_path / "h" / "dataset.json").read_text())["synthetic"]["variety"] == "hard"
+    assert cli.main(["synth", "-n", "1", "--variety", "easy", "-o", str(tmp_path / "x")]) == 2

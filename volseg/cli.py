@@ -239,19 +239,38 @@ def infer(
 
 @app.command()
 def synth(
-    task: Annotated[str, typer.Option(help="liver_ct (3D CT phantoms) or cells (2D fluorescence images)")] = "liver_ct",
-    n: Annotated[int, typer.Option("-n", help="number of training cases")] = 10,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="liver_ct (3D CT phantoms), cells (2D fluorescence images) or torso_ct (an independent CT family "
+            "for held-out evaluation only: its cases all go to imagesTs/labelsTs)"
+        ),
+    ] = "liver_ct",
+    n: Annotated[int, typer.Option("-n", help="number of training cases (torso_ct: of held-out cases)")] = 10,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (MSD layout)")] = Path("data/synth"),
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    size: Annotated[str, typer.Option(help="liver_ct: demo (small, CPU) or full (512x512 slices)")] = "demo",
+    size: Annotated[str, typer.Option(help="liver_ct, torso_ct: demo (small, CPU) or full (512x512 slices)")] = "demo",
     n_test: Annotated[int, typer.Option("--n-test", help="held-out cases in imagesTs/labelsTs")] = 0,
+    variety: Annotated[
+        str,
+        typer.Option(help="liver_ct: clinical (clinical fields of view, phases, noise, lesions) or hard (original)"),
+    ] = "clinical",
 ) -> None:
     """Write a synthetic data set in the Medical Segmentation Decathlon layout."""
+    if task == "torso_ct":
+        from volseg.data.synth_torso import write_torso_dataset
+
+        count = n_test or n
+        if count < 1:
+            raise UserError("-n (or --n-test) must be at least 1", "-n")
+        path = write_torso_dataset(out, n=count, seed=seed, size=size)
+        _echo(f"wrote {count} held-out case(s) (imagesTs/labelsTs; for evaluation, not training): {path}")
+        return
     from volseg.data.synth import write_dataset
 
     if n < 1:
         raise UserError("-n must be at least 1", "-n")
-    path = write_dataset(out, task=task, n=n, seed=seed, size=size, n_test=n_test)
+    path = write_dataset(out, task=task, n=n, seed=seed, size=size, n_test=n_test, variety=variety)
     _echo(f"wrote {n} training and {n_test} test case(s): {path}")
 
 

@@ -98,7 +98,8 @@ class Predictor:
     Args:
         bundle_dir: a bundle with configs/inference.json and models/model.pt.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        engine: ``fast`` or ``monai``.
+        engine: ``fast``, ``onnx`` (the fast engine with the bundle's ``models/model.onnx`` run by onnxruntime,
+            float32; see :mod:`volseg.onnx_engine`) or ``monai``.
         trust: let the MONAI chain evaluate configs that are not exactly what volseg writes for the bundle's
             recipe (or a bundle without a recipe); see :func:`volseg.trust.check_bundle`.
     """
@@ -122,13 +123,13 @@ class Predictor:
             raise UserError("not a bundle: configs/inference.json is missing", self.bundle_dir)
         if not weights.is_file():
             raise UserError("bundle has no weights: models/model.pt is missing (train it first)", self.bundle_dir)
-        if engine not in ("fast", "monai"):
-            raise UserError(f"unknown engine '{engine}'; known: fast, monai", "--engine")
+        if engine not in ("fast", "onnx", "monai"):
+            raise UserError(f"unknown engine '{engine}'; known: fast, onnx, monai", "--engine")
         if precision not in (None, "auto", "fp32", "bf16"):
             raise UserError(f"unknown precision '{precision}'; known: auto, fp32, bf16", "--precision")
         _check_infer_overrides(overrides)
         has_recipe = (self.bundle_dir / "configs" / "volseg_recipe.yaml").is_file()
-        if overrides and (engine != "fast" or not has_recipe):
+        if overrides and (engine == "monai" or not has_recipe):
             raise UserError(
                 "--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set"
             )
@@ -139,7 +140,7 @@ class Predictor:
         # (checked when the chain is built). The fast engine evaluates none of them: it reads the recipe through the
         # schema and the weights with weights_only=True, and only warns that other tools would run the configs.
         self._configs: dict[str, Any] | None = None
-        if engine != "fast" or not has_recipe:
+        if engine == "monai" or not has_recipe:
             self._configs = check_bundle(self.bundle_dir, trust=trust)
         elif not trust:
             problem = bundle_problem(self.bundle_dir)
@@ -159,14 +160,22 @@ class Predictor:
         self.network: torch.nn.Module | None = None
         self._chain: dict[str, Any] | None = None
         self.fast = None
-        if engine == "fast" and recipe is not None:
+        if engine != "monai" and recipe is not None:
             from volseg.fastpath import FastEngine
 
             if overrides and recipe.model.spatial_dims != 3:
                 raise UserError("--set needs a 3D bundle (2D bundles run the MONAI chain)", "--set")
             if recipe.model.spatial_dims == 3:
-                self.network = self._recipe_network(recipe)
+                if engine == "onnx":
+                    from volseg.onnx_engine import load_onnx_network
+
+                    self.network = load_onnx_network(self.bundle_dir, self.device, precision, self.notes)
+                    precision = "fp32"
+                else:
+                    self.network = self._recipe_network(recipe)
                 self.fast = FastEngine(recipe, self.network, self.device, precision)
+        if engine == "onnx" and self.fast is None:
+            raise UserError("the onnx engine runs 3D volseg bundles (those the fast engine runs)", self.bundle_dir)
         if self.fast is None:
             self._build_chain()
 
