@@ -181,7 +181,11 @@ def infer(
         int, typer.Option("--nproc-per-node", min=1, help="processes to shard the cases over (one per GPU)")
     ] = 1,
     engine: Annotated[
-        str, typer.Option(help="fast (volseg's engine, default) or monai (the bundle's MONAI transform chain)")
+        str,
+        typer.Option(
+            help="fast (volseg's engine, default), onnx (the fast engine with models/model.onnx in onnxruntime; "
+            "`volseg export-onnx` writes it) or monai (the bundle's MONAI transform chain)"
+        ),
     ] = "fast",
     trust_bundle: Annotated[
         bool,
@@ -481,6 +485,23 @@ def watch_orthanc(
     except KeyboardInterrupt:
         watcher.stop()
     _echo("stopped")
+
+
+@app.command("export-onnx")
+def export_onnx(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder (a 3D volseg run)")],
+    opset: Annotated[int, typer.Option(min=13, help="ONNX opset")] = 18,
+) -> None:
+    """Write the bundle's network as models/model.onnx (dynamic batch and spatial axes) for `--engine onnx`."""
+    _quiet_libraries()
+    from volseg.onnx_engine import export_onnx as run_export
+
+    result = run_export(bundle, opset)
+    _echo(
+        f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}, {result.seconds:.1f} s); "
+        f"onnxruntime vs torch on two inputs: max |difference| {result.max_abs_diff:.2g} "
+        f"(largest logit {result.max_abs_logit:.3g})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,13 @@ the network differs. It computes in float32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import logging
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ def _export_dynamo(net: torch.nn.Module, example: torch.Tensor, opset: int) -> A
         net, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
         dynamo=True, dynamic_shapes=shapes, verbose=False, optimize=True,
     )  # fmt: skip
+    assert program is not None  # no file given: the program is returned
     return program.model_proto
 
 
@@ -78,12 +80,13 @@ def _export_torchscript(net: torch.nn.Module, example: torch.Tensor, opset: int)
     import onnx
 
     axes = _spatial_axes(example.ndim - 2)
-    buf = io.BytesIO()
-    torch.onnx.export(
-        net, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-        dynamo=False, dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-    )  # fmt: skip
-    return onnx.load_from_string(buf.getvalue())
+    with tempfile.TemporaryDirectory(prefix="volseg-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            net, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+            dynamo=False, dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+        )  # fmt: skip
+        return onnx.load(str(path))
 
 
 def export_onnx(
@@ -144,20 +147,18 @@ def export_onnx(
     raise RuntimeError("ONNX export failed: " + "; ".join(failures))
 
 
-class _quiet_exporters:
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
     """Silence the exporters' deprecation notes and log lines (torchvision absent, training-mode notes)."""
-
-    def __enter__(self) -> None:
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        self._logger = logging.getLogger("torch.onnx")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        self._logger.setLevel(self._level)
-        self._warnings.__exit__(*exc)
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _compare(proto: Any, net: torch.nn.Module, inputs: list[torch.Tensor]) -> tuple[float, float]:
