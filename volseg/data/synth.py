@@ -1438,12 +1438,14 @@ def liver_ct_phantom(
             see the module notes) or ``"clinical"`` (fields of view from liver-only to chest-abdomen-pelvis,
             contrast phases, LiTS-like lesions; see the module notes).
         spacing: Voxel size in mm along each array axis (i, j, k), as in the NIfTI zooms. Default: drawn,
-            0.6-1.0 mm in-plane and 1-5 mm between slices, coarsened to respect the demo matrix limits.
+            0.6-1.0 mm in-plane and 1-5 mm between slices (clinical: the field of view over 512 pixels and
+            0.6-5 mm), coarsened to respect the demo matrix limits.
         axcodes: Direction each array axis points to, nibabel style (``"RAS"``, ``"LPS"``, ``"SLP"``...).
             Default: drawn from RAS, LPS, LAS, LPI, RPS, SLP, IRA, PSL.
         shape: Array shape. Without ``spacing``, the spacing is chosen so that the field of view still covers
-            the body in-plane (square pixels) and the liver plus its margin in z. With ``spacing`` too, the
-            field of view is ``shape * spacing`` centred on the usual centre, and may cut the body.
+            the body in-plane (square pixels) and the liver plus its margin in z (clinical: the drawn field of
+            view). With ``spacing`` too, the field of view is ``shape * spacing`` centred on the usual centre,
+            and may cut the body.
         oblique_deg: Rotation of the voxel axes about the world axis (1, 1, 1) around the field-of-view centre
             (all three axes tilt). ``nibabel.aff2axcodes`` still returns ``axcodes`` below about 30 degrees.
 
