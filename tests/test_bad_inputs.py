@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TINY_RECIPE, save_nifti
 
-from tests.conftest import TINY_RECIPE, save_nifti
 from tests.test_monai_drift import _recipe, monai_chain, random_net
 from volseg.data.validate import check_image_file, replace_non_finite
 from volseg.errors import UserError
@@ -274,3 +274,46 @@ def test_evaluate_without_labels_refuses_images_and_empty_maps(tmp_path: Path, c
     _pair(tmp_path / "b", empty, empty)
     assert main(["evaluate", str(tmp_path / "b" / "pred"), str(tmp_path / "b" / "gt"), "-o", str(tmp_path)]) == 2
     assert "no foreground label in any prediction or ground truth" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What `volseg infer` says about them, on both engines
+
+
+def test_volseg_infer_says_what_it_replaced_on_both_engines(tmp_path: Path, capsys) -> None:
+    from helpers import write_random_bundle
+
+    from volseg.cli import main
+
+    bundle = write_random_bundle(tmp_path / "bundle")
+    _, _, src = _nan_head(tmp_path)
+    for engine in ("fast", "monai"):
+        rc = main(["infer", str(src), "--bundle", str(bundle), "--engine", engine, "-o", str(tmp_path / engine)])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        said = [line for line in out.out.splitlines() if "2896 NaN and 1 +Inf voxels (of 10080) replaced" in line]
+        assert len(said) == 1 and said[0].startswith("[1/1] nan.nii.gz:"), out.out
+        assert (tmp_path / engine / "nan_seg.nii.gz").is_file()
+
+
+def test_a_recipe_the_fast_engine_cannot_run_falls_back_to_the_monai_chain(tmp_path: Path, capsys, monkeypatch) -> None:
+    # Every 3D recipe the schema takes runs on the fast engine today; a future one it cannot run must fall back.
+    from helpers import write_random_bundle
+
+    import volseg.fastpath
+    from volseg.cli import main
+    from volseg.infer import Predictor
+
+    monkeypatch.setattr(volseg.fastpath, "unsupported_reason", lambda recipe: "the fast engine has no such step")
+    bundle = write_random_bundle(tmp_path / "bundle")
+    rng = np.random.default_rng(1)
+    scan = save_nifti(tmp_path / "scan.nii.gz", rng.normal(0, 100, (30, 30, 20)).astype(np.float32), np.eye(4))
+    rc = main(["infer", str(scan), "--bundle", str(bundle), "-o", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    notes = [line for line in out.out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the fast engine has no such step: the bundle's MONAI chain runs it"], out.out
+    assert nib.load(str(tmp_path / "out" / "scan_seg.nii.gz")).shape == (30, 30, 20)
+    assert Predictor(bundle, "cpu").fast is None
+    with pytest.raises(UserError, match="--set needs the fast engine"):
+        Predictor(bundle, "cpu", overrides=["infer.overlap=0.5"])

@@ -25,6 +25,7 @@ from typing import Any
 from volseg import __version__
 from volseg.data import transforms as T
 from volseg.errors import UserError
+from volseg.fastpath import TESTED_MONAI
 from volseg.fileio import write_text_atomic
 from volseg.nets import NETWORKS, network_config
 from volseg.recipe import CTIntensity, PercentileIntensity, Recipe, dump_recipe
@@ -647,6 +648,8 @@ def metadata(recipe: Recipe, metrics: dict[str, float] | None = None, data_sourc
         # A package that is not installed here is still named (with no version): the bundle needs it all the same.
         "required_packages_version": {k: installed.get(k, "") for k in required},
         "supported_apps": {"volseg": __version__},
+        # The MONAI versions volseg's fast engine (its own Spacing grid and UNet) was checked against.
+        "volseg_fast_engine_checked_monai": f">={TESTED_MONAI[0]},<{TESTED_MONAI[1]}",
         "name": recipe.name,
         "task": recipe.description or f"{recipe.name} segmentation",
         "description": (

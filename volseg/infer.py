@@ -161,11 +161,14 @@ class Predictor:
         self._chain: dict[str, Any] | None = None
         self.fast = None
         if engine != "monai" and recipe is not None:
-            from volseg.fastpath import FastEngine
+            from volseg.fastpath import FastEngine, unsupported_reason
 
-            if overrides and recipe.model.spatial_dims != 3:
-                raise UserError("--set needs a 3D bundle (2D bundles run the MONAI chain)", "--set")
-            if recipe.model.spatial_dims == 3:
+            reason = unsupported_reason(recipe)
+            if overrides and reason:
+                raise UserError(f"--set needs the fast engine, and {reason}", "--set")
+            if reason and recipe.model.spatial_dims == 3:
+                self.notes.append(f"note: {reason}: the bundle's MONAI chain runs it")
+            if reason is None:
                 if engine == "onnx":
                     from volseg.onnx_engine import load_onnx_network
 
@@ -174,6 +177,7 @@ class Predictor:
                 else:
                     self.network = self._recipe_network(recipe)
                 self.fast = FastEngine(recipe, self.network, self.device, precision)
+                self.notes += self.fast.engine_notes
         if engine == "onnx" and self.fast is None:
             raise UserError("the onnx engine runs 3D volseg bundles (those the fast engine runs)", self.bundle_dir)
         if self.fast is None:
@@ -264,8 +268,9 @@ class Predictor:
     def inferer(self) -> Any:
         return self._build_chain()["inferer"]
 
-    def _load(self, src: Path, series_uid: str | None) -> tuple[dict[str, Any], Any]:
-        """Preprocess one input; DICOM series folders are read by volseg's own series reader."""
+    def _load(self, src: Path, series_uid: str | None) -> tuple[dict[str, Any], Any, list[str]]:
+        """Preprocess one input: (data, the DICOM volume or None, notes); DICOM series folders are read by volseg's
+        own series reader."""
         if src.is_dir():
             from monai.data import MetaTensor
             from monai.transforms import Compose
@@ -286,11 +291,16 @@ class Predictor:
             steps = list(self.preprocessing.transforms)
             first = next((i + 1 for i, t in enumerate(steps) if isinstance(t, LoadImaged)), 0)
             rest = Compose(steps[first:])
-            return rest({"image": image}), vol
+            return rest({"image": image}), vol, list(vol.warnings)
+        from volseg.monai_compat import preprocess
+
         try:
-            return self.preprocessing({"image": str(src)}), None
+            data, note = preprocess(self.preprocessing, {"image": str(src)}, src)
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - reader errors become one line naming the file
             raise UserError(f"cannot read image ({_reason(exc)})", src) from None
+        return data, None, [note] if note else []
 
     def predict(self, source: str | Path, *, series_uid: str | None = None, probabilities: bool = False) -> Prediction:
         """Segment one image (file or DICOM series folder) and return labels on its own grid.
@@ -311,7 +321,7 @@ class Predictor:
             return self._predict_fast(src, series_uid, probabilities, t0)
         from monai.transforms import Invertd
 
-        data, vol = self._load(src, series_uid)
+        data, vol, notes = self._load(src, series_uid)
         image = data["image"]
         with torch.inference_mode():
             logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
@@ -326,12 +336,10 @@ class Predictor:
         pred = data["pred"]
         labels = np.asarray(pred.detach().cpu().numpy())[0].astype(np.uint8)
         affine = np.asarray(pred.affine.cpu().numpy() if hasattr(pred, "affine") else np.eye(4), dtype=np.float64)
-        notes: list[str] = []
         files = None
         if vol is not None:
             affine = vol.affine
             files = list(vol.series.files)
-            notes = list(vol.warnings)
         return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
 
     def _predict_fast(self, src: Path, series_uid: str | None, probabilities: bool, t0: float) -> Prediction:
@@ -355,6 +363,7 @@ class Predictor:
         if arr.ndim not in (3, 4) or channels != want:
             raise UserError(f"expected a 3D image with {want} channel(s), got shape {arr.shape}", src)
         labels, probs = self.fast.segment(arr, affine, probabilities)
+        notes += self.fast.notes
         return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
 
 
