@@ -203,6 +203,8 @@ def test_clinical_fields_of_view_phases_and_noise_span_the_ranges(clinical_geome
     assert noise.min() >= 8 and noise.max() <= 30 and noise.max() - noise.min() > 12
     offsets = np.abs(np.array([i["table_offset_mm"] for i in infos]))
     assert offsets.max() > 15 and offsets.max() <= 30
+    tilts = np.abs([i["oblique_deg"] for i in infos])
+    assert 5 <= np.sum(tilts > 0) <= 25 and tilts.max() <= 5 and tilts[tilts > 0].min() >= 1
 
 
 def test_clinical_demo_size_keeps_the_field_of_view_with_coarser_voxels(clinical_geometries):

@@ -49,7 +49,8 @@ of a seed are those of the hard variety, scaled to the drawn patient size):
 * field of view: liver only (liver +- 5-25 mm, 20%), abdomen (dome + 20-50 mm to the iliac crest, 30%),
   abdomen-pelvis (to below the pubis, 30%) or chest-abdomen-pelvis (lung apex to below the pubis, 20%); z extent
   at most 600 mm (about 160-600 mm); square in-plane field of view 250-500 mm (the body plus 10-90 mm, so wide
-  patients are cut at the sides); the patient 0-30 mm off the scanner's centre in x and y; coarse pelvic
+  patients are cut at the sides); the patient 0-30 mm off the scanner's centre in x and y; the voxel axes
+  tilted 1-5 degrees in 40% of cases (``oblique_deg`` unless given); coarse pelvic
   landmarks (iliac wings, sacrum, femoral heads and necks, pubic rami, bladder, gluteal muscles) and a sternum,
   and ribs up to the lung apex;
 * patient scale 0.8-1.3 (body 240-440 mm wide), subcutaneous fat 5-50 mm;
@@ -1347,14 +1348,14 @@ class PhantomGeometry:
     info: dict[str, object] = field(default_factory=dict)
 
 
-def _check_phantom_args(seed: int, size: str, variety: str, oblique_deg: float) -> None:
+def _check_phantom_args(seed: int, size: str, variety: str, oblique_deg: float | None) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     if size not in ("demo", "full"):
         raise UserError(f"size must be 'demo' or 'full', got {size!r}")
     if variety not in VARIETIES:
         raise UserError(f"variety must be one of {', '.join(VARIETIES)}, got {variety!r}")
-    if not np.isfinite(oblique_deg):
+    if oblique_deg is not None and not np.isfinite(oblique_deg):
         raise UserError(f"oblique_deg must be a finite number of degrees, got {oblique_deg!r}")
 
 
@@ -1365,10 +1366,14 @@ def _plan_phantom(
     spacing: Sequence[float] | None,
     axcodes: str | None,
     shape: Sequence[int] | None,
-    oblique_deg: float,
+    oblique_deg: float | None,
 ) -> tuple[_Anatomy, np.ndarray, tuple[int, int, int], str, float, dict[str, object]]:
     """Anatomy and grid of a phantom (everything but the voxels)."""
     _check_phantom_args(seed, size, variety, oblique_deg)
+    if oblique_deg is None:  # hard: axis-aligned; clinical: 60% axis-aligned, else a 1-5 degree tilt
+        tilt = np.random.default_rng([int(seed), 6])
+        drawn = float(tilt.uniform(1.0, 5.0) * tilt.choice((-1.0, 1.0)))
+        oblique_deg = drawn if variety == "clinical" and tilt.random() < 0.4 else 0.0
     if variety == "hard":
         anatomy = _build_anatomy(np.random.default_rng([int(seed), 1]))
         affine, dims, codes, thickness = _grid(
@@ -1403,7 +1408,7 @@ def liver_ct_geometry(
     spacing: tuple[float, float, float] | None = None,
     axcodes: str | None = None,
     shape: tuple[int, int, int] | None = None,
-    oblique_deg: float = 0.0,
+    oblique_deg: float | None = None,
 ) -> PhantomGeometry:
     """The grid and drawn parameters of ``liver_ct_phantom`` with the same arguments, without making the voxels.
 
@@ -1422,7 +1427,7 @@ def liver_ct_phantom(
     spacing: tuple[float, float, float] | None = None,
     axcodes: str | None = None,
     shape: tuple[int, int, int] | None = None,
-    oblique_deg: float = 0.0,
+    oblique_deg: float | None = None,
 ) -> Phantom:
     """Make one synthetic contrast-enhanced abdominal CT with liver and liver-tumour labels.
 
@@ -1447,7 +1452,8 @@ def liver_ct_phantom(
             view). With ``spacing`` too, the field of view is ``shape * spacing`` centred on the usual centre,
             and may cut the body.
         oblique_deg: Rotation of the voxel axes about the world axis (1, 1, 1) around the field-of-view centre
-            (all three axes tilt). ``nibabel.aff2axcodes`` still returns ``axcodes`` below about 30 degrees.
+            (all three axes tilt). Default: 0 for the hard variety; for the clinical variety 0 (60% of seeds) or
+            a drawn 1-5 degrees either way. ``nibabel.aff2axcodes`` still returns ``axcodes`` below about 30 degrees.
 
     Returns:
         The phantom: int16 HU image, uint8 label (0 background, 1 liver, 2 tumour) and the voxel -> RAS+ affine.
