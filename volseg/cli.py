@@ -504,6 +504,69 @@ def export_onnx(
     )
 
 
+@app.command()
+def serve(
+    bundle: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="bundle folder, or NAME=FOLDER; repeat to serve several, the first is the default model "
+            "(default: the latest run in runs/)"
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (no authentication: keep it on loopback)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    engine: Annotated[str, typer.Option(help="fast (default), onnx or monai, as for volseg infer")] = "fast",
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16, as for volseg infer")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="cases segmented at once (each gets its own predictors)")] = 1,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=0, help="requests admitted beyond those being segmented; then 503")
+    ] = 4,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="largest request body")] = 1024,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds per request, arrival to answer (then 504)")] = 300,
+    watch_orthanc: Annotated[
+        str | None,
+        typer.Option("--watch-orthanc", help="also segment the new series of this Orthanc (http(s)://HOST:PORT)"),
+    ] = None,
+    watch_state: Annotated[
+        Path | None, typer.Option("--watch-state", help="the watcher's JSON state file (needed with --watch-orthanc)")
+    ] = None,
+    watch_modality: Annotated[
+        list[str] | None, typer.Option("--watch-modality", help="modality the watcher takes (repeat; default CT, MR)")
+    ] = None,
+    watch_series_description: Annotated[
+        str | None,
+        typer.Option("--watch-series-description", help="regular expression the SeriesDescription must match"),
+    ] = None,
+    watch_poll: Annotated[float, typer.Option("--watch-poll", min=0.1, help="seconds between looks at /changes")] = 10,
+    watch_from_now: Annotated[
+        bool, typer.Option("--watch-from-now", help="with a new state file: ignore the series already there")
+    ] = False,
+) -> None:
+    """A warm HTTP service: POST /v1/segment (an image in, its segmentation out), GET /v1/models, /healthz, /readyz.
+
+    Optionally it also watches an Orthanc (--watch-orthanc) with the default model, as `volseg watch-orthanc` does.
+    """
+    _quiet_libraries()
+    from volseg.infer import find_latest_run
+    from volseg.serve import serve as run_serve
+
+    watch = None
+    if watch_orthanc is not None:
+        if watch_state is None:
+            raise UserError("--watch-orthanc needs --watch-state FILE (where the watcher records its progress)")
+        watch = {
+            "url": watch_orthanc, "state": watch_state, "modalities": watch_modality,
+            "series_description": watch_series_description, "poll": watch_poll, "from_now": watch_from_now,
+        }  # fmt: skip
+    run_serve(
+        bundle or [str(find_latest_run())], host, port, _echo, watch=watch, device=device, engine=engine,
+        precision=precision, workers=workers, max_queue=max_queue, max_upload_mb=max_upload_mb, timeout_s=timeout,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and turns errors into exit codes."""
     try:
