@@ -374,3 +374,15 @@ def test_measured_step() -> None:
     model = {"name": "unet", "spatial_dims": 2, "in_channels": 1, "args": {"channels": [8, 16], "strides": [2]}}
     seconds = P.measure_step_seconds(model, (32, 32), 2, n_classes=2, steps=1)
     assert 0 < seconds < 60
+
+
+def test_foreground_sampling_is_uniform_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(P, "_CHUNK", 1000)  # several blocks
+    rng = np.random.default_rng(0)
+    mask = rng.random(10_500) < 0.3
+    picked = P._sample_nonzero(mask, 500, rng)
+    assert picked.size == 500 and np.unique(picked).size == 500 and mask[picked].all()
+    assert abs(np.mean(picked) - np.mean(np.flatnonzero(mask))) < 400  # spread over all blocks
+    everything = P._sample_nonzero(mask, 10**6, rng)
+    assert np.array_equal(np.sort(everything), np.flatnonzero(mask))
+    assert P._sample_nonzero(np.zeros(10, bool), 5, rng).size == 0

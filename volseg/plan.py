@@ -160,6 +160,25 @@ def _objects(label: np.ndarray, value: int, spacing: Sequence[float]) -> list[fl
     return [float(d) for d in np.sqrt(4.0 * sizes / math.pi)]
 
 
+_CHUNK = 1 << 24  # voxels per block when sampling: bounds the index arrays
+
+
+def _sample_nonzero(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``k`` distinct flat indices of the True voxels of a flat mask, uniformly, block by block (never an
+    index array of the whole foreground)."""
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    ranks = np.sort(rng.choice(n, min(k, n), replace=False))
+    out, seen = [], 0
+    for start in range(0, mask.size, _CHUNK):
+        idx = np.flatnonzero(mask[start : start + _CHUNK])
+        lo, hi = np.searchsorted(ranks, [seen, seen + idx.size])
+        out.append(idx[ranks[lo:hi] - seen] + start)
+        seen += idx.size
+    return np.concatenate(out)
+
+
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     # The data check's reader: header first, every format volseg reads, one-line errors.
     from volseg.data.checks import _open
@@ -237,8 +256,7 @@ def fingerprint(
                 "cropped_shape": [int(cropped[a]) for a in ras],
             }
         )
-        fg = np.flatnonzero(label.ravel() > 0)
-        pick_fg = rng.choice(fg, min(max_voxels, fg.size), replace=False) if fg.size else fg
+        pick_fg = _sample_nonzero(label.ravel() > 0, max_voxels, rng)
         pick_all = rng.integers(0, label.size, min(max_voxels, label.size))
         flat = chans.reshape(-1, n_channels)
         if not fg_samples:
