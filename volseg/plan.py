@@ -434,9 +434,10 @@ def determine_modality(fp: Fingerprint) -> tuple[str, Reason]:
 def determine_crop(fp: Fingerprint, intensity: dict[str, Any] | None = None) -> tuple[bool, float, Reason]:
     """Crop to the nonzero region unless it removes almost nothing; also the median kept volume fraction.
 
-    volseg crops after normalising, to the voxels above 0. That is the nonzero region after a CT window (air maps
-    to 0) or a z-score inside the nonzero mask (background stays 0), but after a z-score over the whole image it
-    would be the voxels brighter than the mean: no crop then.
+    volseg crops after normalising, to the box around the voxels above 0: after a CT window, those above its lower
+    end (here the foreground's 0.5th percentile, so the box holds the labels); after a z-score inside the nonzero
+    mask, much the nonzero region; after a z-score over the whole image, the voxels brighter than the mean, which
+    may cut the labels: no crop then.
     """
     kept = float(np.median([np.prod(c["cropped_shape"]) / max(1, np.prod(c["shape"])) for c in fp["cases"]]))
     if kept > 0.95:
@@ -614,7 +615,8 @@ def _fit_depth(patch: list[int], spacing: Floats) -> tuple[list[int], list[list[
         patch = rounded
         new_strides, new_kernels, _ = determine_topology(patch, spacing, max_depth=len(strides))
         strides, kernels = new_strides, new_kernels
-    return patch, strides, kernels
+    div = 2 ** len(strides)  # divisible whatever the loop did (every step halves some axis)
+    return [max(div, int(math.ceil(p / div)) * div) for p in patch], strides, kernels
 
 
 def determine_patch_size(
