@@ -163,6 +163,11 @@ def test_2d_pixel_data() -> None:
     assert r["model"]["args"]["channels"][0] == 16  # smaller on a CPU
     assert max(r["model"]["args"]["channels"]) <= 256
     assert all(p <= 640 for p in r["train"]["patch_size"])
+    # Fluorescence microscopy (as dataset.json names it): each image's own percentiles, no crop.
+    fp["modality"] = "microscopy"
+    r = plan(fp, device="cpu").recipe
+    assert r["data"]["modality"] == "microscopy" and r["data"]["intensity"] == {"percentile": [1.0, 99.5]}
+    assert r["data"]["crop_foreground"] is False
 
 
 def test_multichannel_mr() -> None:
@@ -386,3 +391,15 @@ def test_foreground_sampling_is_uniform_and_bounded(monkeypatch: pytest.MonkeyPa
     everything = P._sample_nonzero(mask, 10**6, rng)
     assert np.array_equal(np.sort(everything), np.flatnonzero(mask))
     assert P._sample_nonzero(np.zeros(10, bool), 5, rng).size == 0
+
+
+def test_plan_of_2d_microscopy_pngs(tmp_path: Path) -> None:
+    from volseg.data.synth import write_dataset
+
+    root = write_dataset(tmp_path / "cells", task="cells", n=3, seed=0)
+    root = root.parent if root.is_file() else root
+    fp = P.fingerprint_dataset(root)
+    assert fp["spatial_dims"] == 2 and fp["modality"] == "microscopy"
+    r = plan(fp, device="cpu").recipe
+    assert r["model"]["spatial_dims"] == 2 and r["data"]["spacing"] is None and r["data"]["orientation"] is None
+    assert r["data"]["labels"] == {"background": {"value": 0}, "cell": {"value": 1}}

@@ -330,6 +330,8 @@ def fingerprint(
     modality = None
     if channel_names and len(channel_names) == 1 and channel_names[0].upper() == "CT":
         modality = "CT"
+    elif channel_names and any(w in n.lower() for n in channel_names for w in ("microscop", "fluoresc")):
+        modality = "microscopy"
     elif channel_names:
         modality = "MR" if any(n.upper() in ("MR", "MRI", "T1", "T2", "FLAIR", "T1W", "T2W", "T1GD", "ADC", "DWI")
                                for n in channel_names) else "other"  # fmt: skip
@@ -420,7 +422,7 @@ def _looks_like_hu(ch: dict[str, Any]) -> bool:
 
 
 def determine_modality(fp: Fingerprint) -> tuple[str, Reason]:
-    if fp.get("modality") in ("CT", "MR", "other"):
+    if fp.get("modality") in ("CT", "MR", "microscopy", "other"):
         return fp["modality"], f"dataset.json names the channels {fp['channel_names']}"
     if fp["n_channels"] == 1 and _looks_like_hu(fp["channels"][0]):
         ch = fp["channels"][0]
@@ -442,6 +444,8 @@ def determine_crop(fp: Fingerprint, intensity: dict[str, Any] | None = None) -> 
     kept = float(np.median([np.prod(c["cropped_shape"]) / max(1, np.prod(c["shape"])) for c in fp["cases"]]))
     if kept > 0.95:
         return False, kept, f"cropping to the nonzero region keeps {kept:.0%} of the median volume: not worth it"
+    if intensity is not None and "percentile" in intensity:
+        return False, kept, "microscopy: objects anywhere in the field, and nearly every pixel above 0 once scaled"
     if intensity is not None and intensity.get("nonzero") is False:
         return (
             False,
@@ -467,6 +471,11 @@ def determine_normalization(fp: Fingerprint, modality: str, kept: float) -> tupl
             f"CT: clipped to the foreground's 0.5/99.5 percentiles ({lo:g}..{hi:g} HU) and mapped to [0, 1]; "
             f"nnU-Net then z-scores with the foreground mean {ch['mean']:.1f} and SD {ch['std']:.1f}, the same up "
             "to a fixed affine map"
+        )
+    if modality == "microscopy":
+        return {"percentile": [1.0, 99.5]}, (
+            "microscopy: each image's own 1st/99.5th percentiles mapped to [0, 1], per channel (robust to uneven "
+            "exposure between images)"
         )
     nonzero = kept < NONZERO_MASK_SHRINK
     per = f"per case and per channel ({fp['n_channels']} channels)" if fp["n_channels"] > 1 else "per case"
@@ -1098,7 +1107,7 @@ def plan_recipe(
     data: dict[str, Any] = {"source": "auto"}
     if data_root is not None:
         data["root"] = data_root
-    data.update({"modality": "MR" if modality == "MR" else modality, "labels": labels})
+    data.update({"modality": modality, "labels": labels})
     if label_map:
         data["label_map"] = label_map
         reasons["data.label_map"] = f"the files' label values {values} mapped to 0..{n_classes - 1}"
