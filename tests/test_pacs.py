@@ -7,6 +7,7 @@ that need it are skipped, and fail in CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -71,40 +72,56 @@ def test_watch_rules() -> None:
         WatchRules(series_description="(")
 
 
-def test_https_with_a_ca_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def fake_server(statuses: list[int], certificate: Path | None = None) -> Iterator[tuple[int, list[str]]]:
+    """A loopback HTTP(S) server answering each GET with the next status of ``statuses`` (the last one repeats),
+    with an empty QIDO result for 200; yields its port and the paths asked for."""
     import ssl
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    require_tool("openssl", "openssl")
-    served, ca = self_signed_certificate(tmp_path / "tls")
-    # requests would let these override a session's CA bundle: --ca-bundle must win.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
-    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    asked: list[str] = []
 
-    class EmptyQido(BaseHTTPRequestHandler):
+    class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", "2")
+            asked.append(self.path)
+            status = statuses[min(len(asked), len(statuses)) - 1]
+            body = b"[]" if status == 200 else b'{"Details": "busy"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json" if status == 200 else "application/json")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(b"[]")
+            self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass
 
     class Quiet(ThreadingHTTPServer):
         def handle_error(self, request: object, client_address: object) -> None:
-            pass  # the refused handshake below
+            pass  # refused TLS handshakes
 
-    httpd = Quiet(("127.0.0.1", 0), EmptyQido)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(served)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd = Quiet(("127.0.0.1", 0), Handler)
+    if certificate is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"dicomwebs://127.0.0.1:{httpd.server_address[1]}/dicom-web"
+        yield int(httpd.server_address[1]), asked
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_https_with_a_ca_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_tool("openssl", "openssl")
+    served, ca = self_signed_certificate(tmp_path / "tls")
+    # requests would let these override a session's CA bundle: --ca-bundle must win.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    with fake_server([200], certificate=served) as (port, _):
+        url = f"dicomwebs://127.0.0.1:{port}/dicom-web"
         study = generate_uid()
         # With the CA bundle the connection is made and the server's (empty) answer understood.
         with pytest.raises(UserError, match=f"study {study} not found") as answered:
@@ -113,9 +130,25 @@ def test_https_with_a_ca_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         # Without it the certificate cannot be verified: one line that says what to do.
         with pytest.raises(DicomWebError, match=r"TLS failure.*--ca-bundle"):
             DicomWebServer(url, env={}, retries=0).series_of_study(study)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+
+
+def test_bounded_retries() -> None:
+    study = generate_uid()
+    # Two "busy" answers, then the answer: retried through.
+    with fake_server([503, 503, 200]) as (port, asked):
+        with pytest.raises(UserError, match="not found"):
+            DicomWebServer(f"dicomweb://127.0.0.1:{port}/dw", env={}, retries=2).series_of_study(study)
+        assert len(asked) == 3
+    # Always busy: given up after the retries, with the status and the server's reason in one line.
+    with fake_server([503]) as (port, asked):
+        with pytest.raises(DicomWebError, match=r"HTTP 503 Service Unavailable \(busy\) while searching") as err:
+            DicomWebServer(f"dicomweb://127.0.0.1:{port}/dw", env={}, retries=2).series_of_study(study)
+        assert len(asked) == 3 and err.value.status == 503
+    # Not retried: a 4xx other than 429.
+    with fake_server([400]) as (port, asked):
+        with pytest.raises(DicomWebError, match="HTTP 400"):
+            DicomWebServer(f"dicomweb://127.0.0.1:{port}/dw", env={}, retries=2).series_of_study(study)
+        assert len(asked) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
