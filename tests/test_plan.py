@@ -403,3 +403,23 @@ def test_plan_of_2d_microscopy_pngs(tmp_path: Path) -> None:
     r = plan(fp, device="cpu").recipe
     assert r["model"]["spatial_dims"] == 2 and r["data"]["spacing"] is None and r["data"]["orientation"] is None
     assert r["data"]["labels"] == {"background": {"value": 0}, "cell": {"value": 1}}
+
+
+def test_training_plan_is_kept_on_resume_and_never_replanned_over_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from volseg.train import LAST
+
+    run = tmp_path / "run"
+    (run / LAST).parent.mkdir(parents=True)
+    (run / LAST).write_bytes(b"checkpoint")
+    (run / P.PLAN_FILE).write_text("name: old\n")
+
+    def no_planning(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(P, "run_plan", no_planning)
+    assert P.plan_for_training(tmp_path / "data", run, resume=True) == run / P.PLAN_FILE
+    with pytest.raises(UserError, match="already holds a training"):
+        P.plan_for_training(tmp_path / "data", run, resume=False)
+    assert (run / P.PLAN_FILE).read_text() == "name: old\n"

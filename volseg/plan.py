@@ -1370,7 +1370,10 @@ def plan_for_training(
 ) -> Path:
     """The recipe for ``volseg train --data DIR`` without ``--config``: planned into the run folder
     (``RUN/volseg_plan.yaml``, the fingerprint beside it), or the plan already there when resuming."""
+    from volseg.train import check_run_dir
+
     path = Path(run_dir) / PLAN_FILE
+    check_run_dir(Path(run_dir), resume)  # before planning: a finished run keeps its plan
     if resume and path.is_file():
         if echo is not None:
             echo(f"resuming with the plan {path}")
