@@ -314,6 +314,32 @@ def sliding_window(
     return out
 
 
+def mirrored(predictor: Any, axes: tuple[int, ...]) -> Any:
+    """Test-time mirroring as nnU-Net does it: ``predictor`` on the batch flipped along every combination of the
+    spatial ``axes`` (none included, so 2^k passes), each output flipped back, logits averaged in float32.
+
+    The result is a predictor of the same kind (batch (B, C, *spatial) in, logits out); with no axes, ``predictor``.
+    """
+    from itertools import combinations
+
+    if not axes:
+        return predictor
+    combos = [tuple(2 + a for a in c) for r in range(len(axes) + 1) for c in combinations(axes, r)]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for dims in combos:
+            y = predictor(torch.flip(x, dims) if dims else x)
+            if isinstance(y, (tuple, list)):
+                y = y[-1]
+            y = torch.flip(y.float(), dims) if dims else y.float()
+            total = y if total is None else total + y
+        assert total is not None
+        return total / len(combos)
+
+    return run
+
+
 def downsample(x: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
     """Trilinear samples of (C, X, Y, Z) at the grid of per-axis positions (input voxel units, border padding).
 
@@ -679,7 +705,7 @@ class FastEngine:
                 crop[None],
                 tuple(r.roi_size),
                 r.infer.sw_batch_size,
-                self.network,
+                mirrored(self.network, r.infer.tta_flips),
                 r.infer.overlap,
                 r.infer.blend,
                 r.infer.padding_mode,

@@ -155,6 +155,7 @@ class Predictor:
             from volseg.bundle import read_bundle_recipe
 
             recipe = read_bundle_recipe(self.bundle_dir, overrides)
+        self.recipe = recipe
         self.segments = _segments(self.bundle_dir, recipe)
         self.algorithm = _algorithm(self.bundle_dir)
         self.network: torch.nn.Module | None = None
@@ -323,8 +324,11 @@ class Predictor:
 
         data, vol, notes = self._load(src, series_uid)
         image = data["image"]
+        from volseg.fastpath import mirrored
+
+        flips = self.recipe.infer.tta_flips if self.recipe is not None else ()
         with torch.inference_mode():
-            logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
+            logits = self.inferer(image.unsqueeze(0).to(self.device), mirrored(self.network, flips))
         data["pred"] = logits[0].cpu() if isinstance(logits, torch.Tensor) else logits[-1][0].cpu()
         probs = None
         for t in self.postprocessing.transforms:

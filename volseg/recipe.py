@@ -314,8 +314,10 @@ class Infer(_Strict):
         description="pixels (voxels) of mirrored context added around the whole image before the sliding window and "
         "removed from the prediction (the U-Net paper's overlap-tile strategy; inference only)",
     )
-    tta_flips: Literal[False] = Field(
-        default=False, description="test-time flipping is not implemented; the key is kept so that older bundles load"
+    tta_flips: tuple[Annotated[int, Field(ge=0, le=2)], ...] = Field(
+        default=(),
+        description="test-time mirroring (nnU-Net's): the spatial axes of the model grid to mirror along; the network "
+        "runs on every combination of flips of these axes (2^k passes) and the logits are averaged; [] is off",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
@@ -323,6 +325,16 @@ class Infer(_Strict):
         "with native bfloat16 (AVX512-BF16 or AMX), float32 elsewhere; fp32 always (exact, slower)",
     )
     postprocess: Postprocess = Postprocess()
+
+    @field_validator("tta_flips", mode="before")
+    @classmethod
+    def _flips(cls, v: Any) -> Any:
+        # Bundles written before mirroring existed say false.
+        if v is False or v is None:
+            return ()
+        if v is True:
+            raise ValueError("give the axes to mirror along, e.g. [0, 1, 2]")
+        return v
 
 
 class Recipe(_Strict):
@@ -357,6 +369,9 @@ class Recipe(_Strict):
         ):
             if value is not None and len(value) != nd:
                 raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
+        flips = self.infer.tta_flips
+        if any(a >= nd for a in flips) or len(set(flips)) != len(flips):
+            raise ValueError(f"infer.tta_flips {list(flips)}: each axis once, and a {nd}D model's axes are 0-{nd - 1}")
         if self.data.orientation is not None and len(self.data.orientation) != nd:
             raise ValueError(f"data.orientation '{self.data.orientation}' does not have {nd} letters")
         if self.train.loss.weight_map is not None and self.train.loss.name == "dice":
