@@ -110,6 +110,17 @@ def require_schema() -> Path:
     return require_file(SCHEMA, f"a checkout of the shared folder beside the repository, holding {SCHEMA.name}")
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines dciodvfy (dicom3tools) prints for a file (skip without it; fail in CI)."""
+    import subprocess
+
+    exe = require_tool("dciodvfy", "dicom3tools")
+    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert output.strip(), f"dciodvfy printed nothing for {path} (exit status {run.returncode})"
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Comparing predictions: two empty label maps agree perfectly, so first make sure there is something to compare
 

@@ -20,7 +20,7 @@ import dicom_factory as F
 import numpy as np
 import pydicom
 import pytest
-from helpers import REPO, TINY_FLOORS, assert_real_overlap, free_port, require_tool
+from helpers import REPO, TINY_FLOORS, assert_real_overlap, dciodvfy_errors, free_port, require_tool
 from orthanc_server import PASSWORD, OrthancServer, environment, find_orthanc, self_signed_certificate
 from pydicom.uid import generate_uid
 
@@ -220,14 +220,6 @@ def retrieve_seg(orthanc: OrthancServer, study_uid: str, seg_uid: str, folder: P
     paths = server.fetch_series(study_uid, seg_uid, folder)
     assert len(paths) == 1
     return paths[0]
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    exe = require_tool("dciodvfy", "dicom3tools")
-    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
-    output = run.stdout + run.stderr
-    assert output.strip(), f"dciodvfy printed nothing for {path} (exit status {run.returncode})"
-    return [line for line in output.splitlines() if line.startswith("Error")]
 
 
 @pytest.mark.slow  # six command-line runs, one of them waiting out the retries

@@ -8,7 +8,6 @@ anisotropic grids: the labels must come back on exactly the grid they were writt
 from __future__ import annotations
 
 import gzip
-import subprocess
 from pathlib import Path
 
 import dicom_factory as factory
@@ -16,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import TINY_RECIPE, require_tool
+from helpers import TINY_RECIPE, dciodvfy_errors
 
 from volseg.data.dicom import read_series
 from volseg.data.writers import (
@@ -373,15 +372,6 @@ def test_dicom_seg_read_back_with_highdicom(dicom_case: dict) -> None:
         assert algo.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
         assert "tiny_liver" in algo.AlgorithmParameters and "1.2.3" in algo.AlgorithmParameters
     assert "tiny_liver 1.2.3" in seg.ContentDescription and "tiny_liver 1.2.3" in seg.SeriesDescription
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """The "Error" lines dciodvfy (dicom3tools) prints for a file (skip without it; fail in CI)."""
-    exe = require_tool("dciodvfy", "dicom3tools")
-    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
-    output = run.stdout + run.stderr
-    assert output.strip(), f"dciodvfy printed nothing for {path} (exit status {run.returncode})"
-    return [line for line in output.splitlines() if line.startswith("Error")]
 
 
 def test_dicom_seg_validates(dicom_case: dict) -> None:
