@@ -1123,6 +1123,8 @@ def plan_recipe(
     )
     reasons.update(
         {
+            "data.source": "the layout is recognised when loading (dataset.json, images/ + labels/, or a CSV)",
+            "data.root": "the data set this plan was made from (--data overrides it)",
             "data.modality": why_mod,
             "data.spacing": why_sp,
             "data.orientation": why_or,
@@ -1158,6 +1160,8 @@ def plan_recipe(
             "infer.postprocess.largest_component": why_post,
         }
     )
+    if data_root is None:
+        del reasons["data.root"]
     if "kernel_size" in model["args"]:
         reasons["model.args.kernel_size"] = why_k
     train: dict[str, Any] = {
