@@ -423,3 +423,26 @@ def test_training_plan_is_kept_on_resume_and_never_replanned_over_a_run(
     with pytest.raises(UserError, match="already holds a training"):
         P.plan_for_training(tmp_path / "data", run, resume=False)
     assert (run / P.PLAN_FILE).read_text() == "name: old\n"
+
+
+def test_unet_kernel_takes_the_majority_per_axis() -> None:
+    kernel, why = P._kernel_for_unet([[3, 3, 1], [3, 3, 1], [3, 3, 1], [3, 3, 3]])
+    assert kernel == [3, 3, 1] and "one size" in why
+    assert P._kernel_for_unet([[3, 3, 1], [3, 3, 3], [3, 3, 3]])[0] == 3
+
+
+@pytest.mark.slow
+def test_planned_anisotropic_network_runs() -> None:
+    import torch
+
+    from volseg.nets import create_network
+
+    fp = make_fp([(0.5, 0.5, 6.0)] * 6, [(320, 320, 20)] * 6, kept=0.5)
+    result = plan(fp, device="cpu", memory_gb=2.0)
+    model, patch = result.recipe["model"], result.recipe["train"]["patch_size"]
+    assert model["args"]["strides"][0] == [2, 2, 1]
+    args = {**model["args"], "channels": [4 * (i + 1) for i in range(len(model["args"]["channels"]))]}
+    net = create_network("unet", 3, 1, 2, args)
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *patch))
+    assert tuple(out.shape) == (1, 2, *patch)
