@@ -440,7 +440,7 @@ def test_planned_anisotropic_network_runs() -> None:
     fp = make_fp([(0.5, 0.5, 6.0)] * 6, [(320, 320, 20)] * 6, kept=0.5)
     result = plan(fp, device="cpu", memory_gb=2.0)
     model, patch = result.recipe["model"], result.recipe["train"]["patch_size"]
-    assert model["args"]["strides"][0] == [2, 2, 1]
+    assert model["args"]["strides"][0] == [2, 2, 1] and model["args"]["kernel_size"] == [3, 3, 1]
     args = {**model["args"], "channels": [4 * (i + 1) for i in range(len(model["args"]["channels"]))]}
     net = create_network("unet", 3, 1, 2, args)
     with torch.no_grad():
