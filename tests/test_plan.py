@@ -293,12 +293,12 @@ def test_fingerprint_of_phantoms(tmp_path: Path) -> None:
 def test_volseg_plan_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(P, "measure_step_seconds", lambda *a, **k: 0.05)
     data = _phantoms(tmp_path / "liver")
-    out = tmp_path / "configs" / "liver.yaml"
+    out = tmp_path / "configs" / "liver_plan.yaml"
     rc = main(["plan", "--data", str(data), "-o", str(out), "--device", "cpu", "--time-budget", "10m"])
     assert rc == 0
     recipe = load_recipe(out)
-    assert recipe.name == "liver" and recipe.data.modality == "CT"
-    fp_path = tmp_path / "configs" / "liver.fingerprint.json"
+    assert recipe.name == "liver_plan" and recipe.data.modality == "CT"  # named after the file
+    fp_path = tmp_path / "configs" / "liver_plan.fingerprint.json"
     fp = json.loads(fp_path.read_text())
     assert fp["n_cases"] == 4 and "cascade" in fp["plan"]
     missing = set(fp["plan"]["reasons"]) - commented_keys(out.read_text())

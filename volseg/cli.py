@@ -137,7 +137,7 @@ def plan(
     time_budget: Annotated[
         str | None, typer.Option("--time-budget", help="training time to plan for, e.g. 20m, 1.5h")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="recipe name (default: the data set's)")] = None,
+    name: Annotated[str | None, typer.Option(help="recipe name (default: the file name of --out)")] = None,
 ) -> None:
     """Plan a recipe from a data set: its fingerprint, then every decision with the reason in a comment."""
     _quiet_libraries()

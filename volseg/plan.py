@@ -1330,7 +1330,7 @@ def run_plan(
         device: ``auto``, ``cpu`` or ``cuda`` (``cuda:N`` counts as cuda).
         memory_gb: memory target (see :func:`plan_recipe`).
         time_budget: training time to plan for, e.g. ``20m`` (see :func:`parse_duration`).
-        name: recipe name (default: the data set's name).
+        name: recipe name (default: the file name of ``out`` without its suffix).
         source: datalist kind, as ``data.source``.
         echo: progress and summary lines.
     """
@@ -1343,6 +1343,7 @@ def run_plan(
     if memory_gb is not None and memory_gb <= 0:
         raise UserError("--memory-gb must be positive", "--memory-gb")
     fp = fingerprint_dataset(data, source)
+    name = name or fingerprint_path(out).name.removesuffix(".fingerprint.json")
     plan = plan_recipe(fp, name=name, device=device, memory_gb=memory_gb, time_budget_s=budget, data_root=str(data))
     recipe_path, fp_path = write_plan(plan, fp, out)
     if echo is not None:
