@@ -288,6 +288,11 @@ def test_fingerprint_of_phantoms(tmp_path: Path) -> None:
     assert P.determine_modality(fp)[0] == "CT"  # HU-like intensities, no dataset.json
     ch = fp["channels"][0]
     assert ch["p00_5"] < ch["mean"] < ch["p99_5"]
+    # The same cases listed in a CSV give the same fingerprint, named after the CSV.
+    rows = [f"images/case{i}.nii.gz,labels/case{i}.nii.gz" for i in range(4)]
+    (tmp_path / "ds" / "cases.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    from_csv = P.fingerprint_dataset(tmp_path / "ds" / "cases.csv")
+    assert from_csv["name"] == "cases" and from_csv["cases"] == fp["cases"] and from_csv["labels"] == fp["labels"]
 
 
 def test_volseg_plan_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
