@@ -4,4 +4,4 @@ YAML recipes, Ignite training with DiceCE, sliding-window inference back to the 
 at the end of every training run.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
