@@ -1090,6 +1090,36 @@ def _check_triple(name: str, value: Sequence[float], integer: bool) -> tuple[flo
     return values  # type: ignore[return-value]
 
 
+def _voxel_grid(
+    need: np.ndarray,
+    axes: list[tuple[int, float]],
+    spacing: Sequence[float] | None,
+    shape: Sequence[int] | None,
+    inplane: float,
+    thick: float,
+) -> tuple[np.ndarray, np.ndarray, int, list[int]]:
+    """Voxel size and matrix covering ``need`` (mm along world x, y, z) on the voxel ``axes``: from the given
+    ``spacing`` or ``shape``, else ``inplane`` and ``thick``. Returns (spacing, dims, slice axis, in-plane axes)."""
+    world_axis = [w for w, _ in axes]
+    slice_axis = world_axis.index(2)
+    inplane_axes = [a for a in range(3) if a != slice_axis]
+    if spacing is not None:
+        sp = np.array(_check_triple("spacing", spacing, integer=False), dtype=float)
+    elif shape is not None:
+        n = _check_triple("shape", shape, integer=True)
+        sp = np.empty(3)
+        sp[inplane_axes] = max(need[world_axis[a]] / n[a] for a in inplane_axes)
+        sp[slice_axis] = need[2] / n[slice_axis]
+    else:
+        sp = np.empty(3)
+        sp[inplane_axes], sp[slice_axis] = inplane, thick
+    if shape is not None:
+        dims = np.array(_check_triple("shape", shape, integer=True), dtype=int)
+    else:
+        dims = np.array([math.ceil(need[world_axis[a]] / sp[a] - 1e-6) for a in range(3)])
+    return sp, dims, slice_axis, inplane_axes
+
+
 def _grid(
     anatomy: _Anatomy,
     rng: np.random.Generator,
@@ -1117,32 +1147,15 @@ def _grid(
     if size == "full":
         half_x = half_y = max(half_x, half_y)
     need = np.array([2 * half_x, 2 * half_y, z1 - z0])
-    world_axis = [w for w, _ in axes]
-    slice_axis = world_axis.index(2)
-    inplane_axes = [a for a in range(3) if a != slice_axis]
-
-    if spacing is not None:
-        sp = np.array(_check_triple("spacing", spacing, integer=False), dtype=float)
-    elif shape is not None:
-        n = _check_triple("shape", shape, integer=True)
-        sp = np.empty(3)
-        sp[inplane_axes] = max(need[world_axis[a]] / n[a] for a in inplane_axes)
-        sp[slice_axis] = need[2] / n[slice_axis]
+    inplane, thick = inplane0, slice0
+    if size == "demo":
+        inplane = max(inplane, max(need[0], need[1]) / _DEMO_MAX_MATRIX)
+        thick = max(thick, need[2] / _DEMO_MAX_SLICES)
     else:
-        sp = np.empty(3)
-        inplane, thick = inplane0, slice0
-        if size == "demo":
-            inplane = max(inplane, max(need[0], need[1]) / _DEMO_MAX_MATRIX)
-            thick = max(thick, need[2] / _DEMO_MAX_SLICES)
-        else:
-            inplane = max(inplane, need[0] / _FULL_MATRIX)
-        sp[inplane_axes], sp[slice_axis] = inplane, thick
-    if shape is not None:
-        dims = np.array(_check_triple("shape", shape, integer=True), dtype=int)
-    else:
-        dims = np.array([math.ceil(need[world_axis[a]] / sp[a] - 1e-6) for a in range(3)])
-        if size == "full" and spacing is None:
-            dims[inplane_axes] = _FULL_MATRIX
+        inplane = max(inplane, need[0] / _FULL_MATRIX)
+    sp, dims, slice_axis, inplane_axes = _voxel_grid(need, axes, spacing, shape, inplane, thick)
+    if shape is None and size == "full" and spacing is None:
+        dims[inplane_axes] = _FULL_MATRIX
 
     pose = _rotation(0, 0, anatomy.yaw)
     center = anatomy.position + pose @ np.array([0.0, 0.0, 0.5 * (z0 + z1)])
@@ -1210,28 +1223,11 @@ def _grid_clinical(
     codes = str(axcodes).upper() if axcodes is not None else code0
     axes = _parse_axcodes(codes)
     need = np.array([fov, fov, z1 - z0])
-    world_axis = [w for w, _ in axes]
-    slice_axis = world_axis.index(2)
-    inplane_axes = [a for a in range(3) if a != slice_axis]
-
-    if spacing is not None:
-        sp = np.array(_check_triple("spacing", spacing, integer=False), dtype=float)
-    elif shape is not None:
-        n = _check_triple("shape", shape, integer=True)
-        sp = np.empty(3)
-        sp[inplane_axes] = max(need[world_axis[a]] / n[a] for a in inplane_axes)
-        sp[slice_axis] = need[2] / n[slice_axis]
-    else:
-        sp = np.empty(3)
-        inplane, thick = fov / _FULL_MATRIX, thick0
-        if size == "demo":
-            inplane = max(inplane, fov / _CLINICAL_DEMO_MATRIX)
-            thick = max(thick, need[2] / _CLINICAL_DEMO_SLICES)
-        sp[inplane_axes], sp[slice_axis] = inplane, thick
-    if shape is not None:
-        dims = np.array(_check_triple("shape", shape, integer=True), dtype=int)
-    else:
-        dims = np.array([math.ceil(need[world_axis[a]] / sp[a] - 1e-6) for a in range(3)])
+    inplane, thick = fov / _FULL_MATRIX, thick0
+    if size == "demo":
+        inplane = max(inplane, fov / _CLINICAL_DEMO_MATRIX)
+        thick = max(thick, need[2] / _CLINICAL_DEMO_SLICES)
+    sp, dims, slice_axis, inplane_axes = _voxel_grid(need, axes, spacing, shape, inplane, thick)
 
     pose = _rotation(0, 0, anatomy.yaw)
     center = anatomy.position + pose @ np.array([0.0, 0.0, 0.5 * (z0 + z1)]) + table
