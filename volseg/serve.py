@@ -794,8 +794,8 @@ def serve(
     try:
         server.run()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
     echo("volseg serve: stopped")
     if service.error:
         raise UserError(f"no model could be served: {service.error}")
