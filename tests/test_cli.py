@@ -204,3 +204,14 @@ def test_qc_pictures_from_infer_evaluate_and_training(tmp_path: Path, trained_ru
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ev" / "scan_qc.png").is_file()
+
+
+def test_infer_finds_the_demo_bundle(tmp_path: Path) -> None:
+    """After `volseg demo`, `volseg infer scan.nii.gz` (the README's usage) segments with the demo's run."""
+    from helpers import write_random_bundle
+
+    write_random_bundle(tmp_path / "demo" / "run")
+    scan = save_nifti(tmp_path / "scan.nii.gz", np.zeros((20, 20, 12), np.int16), np.diag([4.0, 4.0, 5.0, 1.0]))
+    proc = volseg("infer", str(scan), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bundle demo/run" in proc.stdout and (tmp_path / "predictions" / "scan_seg.nii.gz").is_file()

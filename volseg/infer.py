@@ -38,13 +38,20 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
 
 
+#: Where `volseg demo` puts its run (a bundle, like those under runs/).
+DEMO_RUN = Path("demo") / "run"
+
+
 def find_latest_run(runs_dir: str | Path = "runs") -> Path:
-    """The most recently finished run (by models/model.pt) under ``runs_dir``."""
-    runs = sorted(Path(runs_dir).glob("*/models/model.pt"), key=lambda p: p.stat().st_mtime)
+    """The most recently trained bundle (by models/model.pt): a run under ``runs_dir``, or the demo's run."""
+    candidates = list(Path(runs_dir).glob("*/models/model.pt"))
+    if Path(runs_dir) == Path("runs") and (DEMO_RUN / "models" / "model.pt").is_file():
+        candidates.append(DEMO_RUN / "models" / "model.pt")
+    runs = sorted(candidates, key=lambda p: p.stat().st_mtime)
     if not runs:
         raise UserError(
-            "no trained bundle found; train one with `volseg train --config RECIPE` (or `volseg demo`), "
-            "or pass --bundle DIR",
+            f"no trained bundle found (in {runs_dir}/ or {DEMO_RUN}/); train one with `volseg train --config RECIPE`"
+            " (or `volseg demo`), or pass --bundle DIR",
             runs_dir,
         )
     return runs[-1].parent.parent
