@@ -297,16 +297,18 @@ def sliding_window(
     count = torch.zeros(size, dtype=torch.float32, device=x.device)
     for b0 in range(0, len(corners), sw_batch_size):
         batch = corners[b0 : b0 + sw_batch_size]
-        windows = [tuple(slice(c, c + r) for c, r in zip(corner, roi, strict=True)) for corner in batch]
-        pred = predictor(torch.cat([x[(0, slice(None), *w)][None] for w in windows]))
+        windows: list[tuple[Any, ...]] = [
+            (0, slice(None), *(slice(c, c + r) for c, r in zip(corner, roi, strict=True))) for corner in batch
+        ]
+        pred = predictor(torch.cat([x[w][None] for w in windows]))
         if isinstance(pred, (tuple, list)):
             pred = pred[-1]
         pred = pred.float()
         if out is None:
             out = torch.zeros((1, pred.shape[1], *size), dtype=torch.float32, device=x.device)
         for k, w in enumerate(windows):
-            out[(0, slice(None), *w)] += pred[k] * weights
-            count[w] += weights
+            out[w] += pred[k] * weights
+            count[w[2:]] += weights
     assert out is not None
     out /= count
     if any(pads):
@@ -776,7 +778,7 @@ class FastEngine:
             lo.append(v0)
             hi.append(v1 + 1)
             box.append(slice(v0, v1 + 1))
-        sub = tuple(b - a for a, b in zip(lo, hi, strict=True))
+        sub = (hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2])
         chunk = max(1, min(64, int(2**24 // max(1, n * sub[0] * sub[1]))))
         labels[tuple(box)] = back_to_input(
             probs, scale, shift - np.asarray(lo, dtype=np.float64), sub, chunk, out_device=home
