@@ -488,7 +488,9 @@ def test_mirroring_runs_on_both_engines_alike(tmp_path) -> None:
     bundle = write_random_bundle(tmp_path / "bundle", seed=10, recipe=raw)
     ph = liver_ct_phantom(7, shape=(48, 40, 20), axcodes="LPS")
     src = save_nifti(tmp_path / "ct.nii.gz", ph.image, ph.affine)
-    fast = Predictor(bundle, "cpu", precision="fp32").predict(src).labels
+    mirrored = Predictor(bundle, "cpu", precision="fp32")
+    assert any("trained without flips" in n for n in mirrored.notes)  # TINY_RECIPE trains with flip 0
+    fast = mirrored.predict(src).labels
     chain = Predictor(bundle, "cpu", "monai").predict(src).labels
     plain = Predictor(bundle, "cpu", precision="fp32", overrides=["infer.tta_flips=[]"]).predict(src).labels
     # An untrained network (this seed) labels both classes inside the body; mirrored, the two engines agree, and

@@ -163,6 +163,11 @@ class Predictor:
 
             recipe = read_bundle_recipe(self.bundle_dir, overrides)
         self.recipe = recipe
+        if recipe is not None and recipe.infer.tta_flips and not recipe.train.augment.flip:
+            self.notes.append(
+                "note: infer.tta_flips mirrors the input, but this model was trained without flips "
+                "(train.augment.flip 0): on phantoms that lowered Dice (docs/benchmarks.md)"
+            )
         self.segments = _segments(self.bundle_dir, recipe)
         self.algorithm = _algorithm(self.bundle_dir)
         self.network: torch.nn.Module | None = None
