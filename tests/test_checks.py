@@ -81,6 +81,21 @@ def test_clean_dataset_passes(tmp_path: Path) -> None:
     assert text.strip() == "3 cases checked: 0 errors, 0 warnings"
 
 
+def test_nnunet_raw_dataset_is_checked_like_any_other(tmp_path: Path) -> None:
+    root = tmp_path / "Dataset002_Tiny"
+    for i in range(3):
+        save_nifti(root / "imagesTr" / f"case{i}_0000.nii.gz", _image(i), AFFINE)
+        save_nifti(root / "labelsTr" / f"case{i}.nii.gz", _label(), AFFINE)
+    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2}, "numTraining": 3,
+            "file_ending": ".nii.gz"}  # fmt: skip
+    (root / "dataset.json").write_text(json.dumps(meta))
+    report = check_data(_recipe(), root)
+    assert report.ok and not report.findings and report.n_cases == 3
+    save_nifti(root / "labelsTr" / "case1.nii.gz", _label(shape=(10, 9, 5)), AFFINE)
+    report = check_data(_recipe(), root)
+    assert not report.ok and any("case1" in str(f) for f in report.findings)
+
+
 def test_four_channel_image_fits_a_four_channel_recipe(tmp_path: Path) -> None:
     root = tmp_path / "data"
     for i in range(2):

@@ -75,3 +75,45 @@ def test_kfold_covers_every_case_once() -> None:
 def test_too_few_cases() -> None:
     with pytest.raises(UserError, match="at least 2 labelled cases"):
         split_cases([{"image": "a", "label": "a"}])
+
+
+def _nnunet(root: Path, cases: list[str], channels: int = 1, **meta) -> Path:
+    for c in cases:
+        for k in range(channels):
+            _touch(root / "imagesTr" / f"{c}_{k:04d}.nii.gz")
+        _touch(root / "labelsTr" / f"{c}.nii.gz")
+    js = {"channel_names": {str(k): f"ch{k}" for k in range(channels)}, "labels": {"background": 0, "liver": 1},
+          "numTraining": len(cases), "file_ending": ".nii.gz", **meta}  # fmt: skip
+    (root / "dataset.json").write_text(json.dumps(js))
+    return root
+
+
+def test_nnunet_raw_dataset(tmp_path: Path) -> None:
+    root = _nnunet(tmp_path / "Dataset003_Liver", ["liver_1", "liver_0", "liver_10"])
+    (root / "imagesTs").mkdir()
+    _touch(root / "imagesTs" / "liver_99_0000.nii.gz")  # test images are not training cases
+    cases = load_datalist(root)
+    names = ["liver_0", "liver_1", "liver_10"]  # sorted by case name
+    assert [Path(c["image"]).name for c in cases] == [f"{n}_0000.nii.gz" for n in names]
+    assert [Path(c["label"]).name for c in cases] == [f"{n}.nii.gz" for n in names]
+    assert load_datalist(root, "nnunet") == cases
+    assert [case_id(c["image"]) for c in cases] == names
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda r: (r / "labelsTr" / "b.nii.gz").unlink(), "image(s) without a label, first: b"),
+        (lambda r: (r / "imagesTr" / "b_0000.nii.gz").rename(r / "imagesTr" / "b_0001.nii.gz"), "b has channels [1]"),
+        (lambda r: _nnunet(r, ["a", "b"], numTraining=3), "numTraining 3, imagesTr holds 2"),
+        (lambda r: _nnunet(r, ["a", "b"], labels={"background": 0, "whole": [1, 2]}), "region-based labels (whole"),
+        (lambda r: _nnunet(r, ["a", "b"], channels=2), "2 channels stored as separate files"),
+        (lambda r: _nnunet(r, ["a", "b"], file_ending="nii"), "needs 'file_ending'"),
+    ],
+)  # fmt: skip
+def test_nnunet_raw_dataset_problems_are_named(tmp_path: Path, edit, words: str) -> None:
+    root = _nnunet(tmp_path / "Dataset001_X", ["a", "b"])
+    edit(root)
+    with pytest.raises(UserError) as info:
+        load_datalist(root)
+    assert words in str(info.value) and "\n" not in str(info.value)

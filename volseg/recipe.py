@@ -104,7 +104,7 @@ class Cache(_Strict):
 class Data(_Strict):
     """Where the cases are and how they are made ready for the network."""
 
-    source: Literal["auto", "msd", "folder", "csv"] = "auto"
+    source: Literal["auto", "msd", "nnunet", "folder", "csv"] = "auto"
     root: str | None = Field(default=None, description="data folder or CSV; --data overrides it")
     modality: Literal["CT", "MR", "microscopy", "other"] = "CT"
     labels: dict[str, Label]

@@ -1,7 +1,9 @@
 """Datalists: which image goes with which label, and the deterministic train/validation split.
 
-Three sources are understood:
+Four sources are understood:
 
+- an nnU-Net v2 raw data set (``DatasetXXX_Name/`` with a ``dataset.json`` holding ``channel_names``, ``labels`` and
+  ``file_ending``; ``imagesTr/<case>_0000<file_ending>`` and ``labelsTr/<case><file_ending>``), single-channel;
 - an MSD-style folder with ``dataset.json`` (``training``: list of ``{"image", "label"}``, paths relative to the
   folder), as in the Medical Segmentation Decathlon;
 - a folder with ``images/`` and ``labels/`` (or ``imagesTr/`` and ``labelsTr/``) whose files are matched by name;
@@ -52,12 +54,20 @@ def _resolve(base: Path, rel: str, source: Path) -> str:
     return str(p)
 
 
-def _from_msd(root: Path) -> list[Case]:
+def _dataset_json(root: Path) -> dict:
     js = root / "dataset.json"
     try:
         meta = json.loads(js.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"cannot read dataset.json ({exc.__class__.__name__})", js) from None
+    if not isinstance(meta, dict):
+        raise UserError("dataset.json is not a JSON object", js)
+    return meta
+
+
+def _from_msd(root: Path) -> list[Case]:
+    js = root / "dataset.json"
+    meta = _dataset_json(root)
     items = meta.get("training")
     if not isinstance(items, list) or not items:
         raise UserError("dataset.json has no 'training' list", js)
@@ -74,6 +84,64 @@ def _from_msd(root: Path) -> list[Case]:
     return cases
 
 
+def is_nnunet_dataset(meta: object) -> bool:
+    """Whether a parsed dataset.json is nnU-Net v2's (``channel_names`` and ``file_ending``, no ``training`` list)."""
+    return isinstance(meta, dict) and "channel_names" in meta and "file_ending" in meta and "training" not in meta
+
+
+def _from_nnunet(root: Path, meta: dict) -> list[Case]:
+    """Cases of an nnU-Net v2 raw data set, checked as nnU-Net's integrity check does (channels, numTraining)."""
+    js = root / "dataset.json"
+    ending = meta["file_ending"]
+    channels = meta["channel_names"]
+    if not isinstance(ending, str) or not ending.startswith(".") or not isinstance(channels, dict) or not channels:
+        raise UserError("dataset.json needs 'file_ending' (e.g. \".nii.gz\") and a non-empty 'channel_names'", js)
+    regions = [name for name, v in (meta.get("labels") or {}).items() if isinstance(v, (list, tuple))]
+    if regions:
+        raise UserError(f"region-based labels ({regions[0]}: a list of values) are not supported; give each label "
+                        "one value", js)  # fmt: skip
+    for folder in ("imagesTr", "labelsTr"):
+        if not (root / folder).is_dir():
+            raise UserError(f"{folder}/ is missing", root)
+    labels = {p.name[: -len(ending)]: p for p in sorted((root / "labelsTr").iterdir()) if p.name.endswith(ending)}
+    images: dict[str, dict[int, Path]] = {}
+    for p in sorted((root / "imagesTr").iterdir()):
+        stem = p.name[: -len(ending)] if p.name.endswith(ending) else ""
+        case, _, index = stem.rpartition("_")
+        if case and len(index) == 4 and index.isdigit():
+            images.setdefault(case, {})[int(index)] = p
+    if not images:
+        raise UserError(f"no images named <case>_0000{ending}", root / "imagesTr")
+    n = len(channels)
+    for case, files in images.items():
+        missing = [i for i in range(n) if i not in files]
+        if missing or len(files) != n:
+            raise UserError(f"case {case} has channels {sorted(files)}, dataset.json names {n}", root / "imagesTr")
+    if n > 1:
+        raise UserError(
+            f"{n} channels stored as separate files (<case>_0000..{n - 1:04d}{ending}); volseg reads a multi-channel "
+            "image as one 4D file: stack the channels into one file per case",
+            js,
+        )
+    declared = meta.get("numTraining")
+    if isinstance(declared, int) and declared != len(images):
+        raise UserError(f"dataset.json says numTraining {declared}, imagesTr holds {len(images)} cases", js)
+    return _paired({k: v[0] for k, v in images.items()}, labels, root / "imagesTr", root / "labelsTr")
+
+
+def _paired(images: dict[str, Path], labels: dict[str, Path], img_dir: Path, lab_dir: Path) -> list[Case]:
+    """Cases from images and labels keyed by case name; every image needs its label and every label its image."""
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise UserError(f"{len(missing)} image(s) without a label, first: {missing[0]}", lab_dir)
+    extra = sorted(set(labels) - set(images))
+    if extra:
+        raise UserError(f"{len(extra)} label(s) without an image, first: {extra[0]}", img_dir)
+    if not images:
+        raise UserError("no images found", img_dir)
+    return [{"image": str(images[k].resolve()), "label": str(labels[k].resolve())} for k in sorted(images)]
+
+
 def _from_folder(root: Path) -> list[Case]:
     for img_dir, lab_dir in (("images", "labels"), ("imagesTr", "labelsTr")):
         if (root / img_dir).is_dir() and (root / lab_dir).is_dir():
@@ -82,15 +150,7 @@ def _from_folder(root: Path) -> list[Case]:
         raise UserError("expected dataset.json, images/ + labels/, or imagesTr/ + labelsTr/ in the folder", root)
     images = {case_id(p): p for p in sorted((root / img_dir).iterdir()) if _is_image(p) or p.is_dir()}
     labels = {case_id(p): p for p in sorted((root / lab_dir).iterdir()) if _is_image(p)}
-    missing = sorted(set(images) - set(labels))
-    if missing:
-        raise UserError(f"{len(missing)} image(s) without a label, first: {missing[0]}", root / lab_dir)
-    extra = sorted(set(labels) - set(images))
-    if extra:
-        raise UserError(f"{len(extra)} label(s) without an image, first: {extra[0]}", root / img_dir)
-    if not images:
-        raise UserError("no images found", root / img_dir)
-    return [{"image": str(images[k].resolve()), "label": str(labels[k].resolve())} for k in sorted(images)]
+    return _paired(images, labels, root / img_dir, root / lab_dir)
 
 
 def _from_csv(path: Path) -> list[Case]:
@@ -112,7 +172,7 @@ def load_datalist(root: str | Path, source: str = "auto") -> list[Case]:
 
     Args:
         root: a folder (MSD or image/label pairs) or a CSV file.
-        source: ``auto``, ``msd``, ``folder`` or ``csv``.
+        source: ``auto``, ``msd``, ``nnunet``, ``folder`` or ``csv``.
 
     Raises:
         UserError: the folder or file is missing, or the datalist is inconsistent.
@@ -124,11 +184,13 @@ def load_datalist(root: str | Path, source: str = "auto") -> list[Case]:
         if root.is_file() and root.suffix.lower() == ".csv":
             source = "csv"
         elif (root / "dataset.json").is_file():
-            source = "msd"
+            source = "nnunet" if is_nnunet_dataset(_dataset_json(root)) else "msd"
         else:
             source = "folder"
     if source == "csv":
         cases = _from_csv(root)
+    elif source == "nnunet":
+        cases = _from_nnunet(root, _dataset_json(root))
     elif source == "msd":
         cases = _from_msd(root)
     else:
