@@ -294,6 +294,10 @@ def test_monailabel_trains_bundle(trained_bundle: Path, tmp_path: Path) -> None:
     changed = [k for k in old if not torch.equal(old[k], new[k])]
     assert changed, "models/model.pt was rewritten with the same weights"
     assert list((bundle / "logs").glob("events.out.tfevents.*")), "train.json's TensorBoard handlers wrote nothing"
+    # The annotate-retrain loop: the retrained bundle is still exactly volseg's, so volseg's MONAI chain runs it.
+    from volseg.trust import check_bundle
+
+    check_bundle(bundle)
 
 
 def test_bundle_runs_without_monailabel(trained_bundle: Path, tmp_path: Path) -> None:
