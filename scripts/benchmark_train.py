@@ -311,7 +311,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _precision_note(amp: bool, device: str) -> str:
     """How volseg's training steps run with this amp setting on this device."""
-    from volseg.fastpath import cpu_has_native_bf16
+    from volseg.runtime import cpu_has_native_bf16
 
     if device.startswith("cuda"):
         return "CUDA AMP" if amp else "float32"

@@ -255,14 +255,14 @@ def test_label_counts_any_layout() -> None:
 
 
 def test_precision_setting(monkeypatch) -> None:
-    import volseg.fastpath as fp
+    import volseg.runtime as rt
 
     cpu = torch.device("cpu")
-    assert fp.use_bf16("bf16", cpu) and not fp.use_bf16("fp32", cpu)
-    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: False)
-    assert not fp.use_bf16("auto", cpu)
-    monkeypatch.setattr(fp, "cpu_has_native_bf16", lambda: True)
-    assert fp.use_bf16("auto", cpu)
+    assert rt.use_bf16("bf16", cpu) and not rt.use_bf16("fp32", cpu)
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: False)
+    assert not rt.use_bf16("auto", cpu)
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: True)
+    assert rt.use_bf16("auto", cpu)
 
 
 def test_fp32_and_bf16_agree(trained_bundle, tmp_path) -> None:

@@ -40,6 +40,7 @@ import torch
 
 from volseg.data.validate import replace_non_finite
 from volseg.errors import UserError
+from volseg.runtime import use_bf16
 
 TESTED_MONAI = ("1.5", "1.7")
 """MONAI releases the fast engine was checked against: ``>= TESTED_MONAI[0]`` and ``< TESTED_MONAI[1]``.
@@ -501,30 +502,6 @@ class ModelGrid:
         m[:3, :3] = np.diag(self.scale)
         m[:3, 3] = self.shift
         return self.view_affine @ m
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether the network runs in bfloat16 autocast for a precision setting (auto, fp32, bf16) on a device."""
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 class FastEngine:

@@ -120,7 +120,7 @@ class Predictor:
         precision: str | None = None,
         overrides: list[str] | None = None,
     ) -> None:
-        from volseg.train import resolve_device
+        from volseg.runtime import resolve_device
         from volseg.trust import bundle_problem, check_bundle
 
         self.bundle_dir = Path(bundle_dir).resolve()
@@ -561,8 +561,9 @@ def run_inference(
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         sources = sources[rank::world]
-        if torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+        from volseg.runtime import rank_device
+
+        device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
         echo(f"rank {rank}/{world}: {len(sources)} case(s)")
     return _segment(sources, Path(out_dir), bundle, device, echo, job)
 
@@ -634,7 +635,9 @@ def _spawn_inference(
 
     import ignite.distributed as idist
 
-    backend = "nccl" if torch.cuda.is_available() and device not in ("cpu",) else "gloo"
+    from volseg.runtime import distributed_backend
+
+    backend = distributed_backend(device)
     with tempfile.TemporaryDirectory(prefix="volseg-infer-") as reports:
         with idist.Parallel(backend=backend, nproc_per_node=nproc) as parallel:
             parallel.run(_infer_worker, [str(s) for s in sources], str(out_dir), str(bundle), device, job, reports)

@@ -887,7 +887,7 @@ def measure_step_seconds(
         net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # as training does on a CPU
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    from volseg.fastpath import cpu_has_native_bf16
+    from volseg.runtime import cpu_has_native_bf16
 
     # As training runs: CUDA AMP, bfloat16 autocast on CPUs with native bf16, float32 otherwise.
     autocast = dev.type == "cuda" or cpu_has_native_bf16()

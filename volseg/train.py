@@ -29,6 +29,7 @@ from volseg.bundle import _versions, write_bundle_configs
 from volseg.data.datalist import load_datalist, split_cases
 from volseg.errors import UserError
 from volseg.recipe import Recipe
+from volseg.runtime import cpu_has_native_bf16, distributed_backend, rank_device, resolve_device
 
 LAST = "checkpoints/last.pt"
 
@@ -50,28 +51,11 @@ class TrainResult:
     """Last validation's HD95 and average surface distance (mm) and surface Dice (2 mm) per label."""
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``auto``/None picks CUDA when present; an unavailable device is a user error."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"'{name}' is not a device (use cpu, cuda or cuda:N)", "--device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA was asked for but no CUDA GPU is available", "--device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"there is no GPU {dev.index} (found {torch.cuda.device_count()})", "--device")
-    return dev
-
-
 def cpu_bf16_training(recipe: Recipe, device: torch.device) -> bool:
     """``train.amp`` on a CPU with native bfloat16 (AVX512-BF16 or AMX): the training steps run in bf16 autocast.
 
     On CUDA, MONAI's trainer does AMP itself (``amp`` in train.json); on other CPUs the steps stay float32.
     """
-    from volseg.fastpath import cpu_has_native_bf16
-
     return device.type == "cpu" and recipe.train.amp and cpu_has_native_bf16()
 
 
@@ -253,23 +237,18 @@ def train(
         resolve_device(device)
         check_run_dir(run_dir, resume)
         split_run_cases(recipe, data_root)  # data errors surface here, before any process is spawned
-        backend = _backend(device)
+        backend = distributed_backend(device)
         with idist.Parallel(backend=backend, nproc_per_node=nproc_per_node) as parallel:
             parallel.run(_spawned, recipe, str(data_root), str(run_dir), resume, device, progress, overrides)
         return _read_result(run_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import ignite.distributed as idist
 
-        with idist.Parallel(backend=_backend(device)) as parallel:
+        with idist.Parallel(backend=distributed_backend(device)) as parallel:
             parallel.run(_spawned, recipe, str(data_root), str(run_dir), resume, device, progress, overrides)
         return _read_result(run_dir)
     return _run(recipe, data_root, run_dir, resume=resume, device=device, progress=progress, echo=echo,
                 overrides=overrides)  # fmt: skip
-
-
-def _backend(device: str | None) -> str:
-    wants_cuda = device in (None, "", "auto") and torch.cuda.is_available() or str(device).startswith("cuda")
-    return "nccl" if wants_cuda else "gloo"
 
 
 def _spawned(
@@ -285,9 +264,9 @@ def _spawned(
     """Entry point of each distributed process (ignite.distributed.Parallel.run)."""
     import ignite.distributed as idist
 
-    if torch.cuda.is_available() and _backend(device) == "nccl":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
+    device = rank_device(device, local_rank)
+    if device is not None and device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))
     echo = print if idist.get_rank() == 0 else (lambda s: None)
     _run(recipe, data_root, Path(run_dir), resume=resume, device=device, progress=progress, echo=echo,
          overrides=overrides)  # fmt: skip
