@@ -30,6 +30,7 @@ def run_demo(
     import nibabel as nib
 
     from volseg.data.synth import write_dataset
+    from volseg.fileio import write_text_atomic
     from volseg.infer import run_inference
     from volseg.metrics import dice_per_label
     from volseg.recipe import load_recipe
@@ -87,7 +88,7 @@ def run_demo(
         "epochs": result.epochs,
         "heldout_dice": {k: round(v, 4) for k, v in mean.items()},
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     echo(f"done in {summary['seconds']:.0f} s")
     echo(f"bundle:      {run_dir}  (python -m monai.bundle run --config_file {run_dir}/configs/inference.json ...)")
     echo(f"predictions: {pred_dir}")

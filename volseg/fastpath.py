@@ -761,8 +761,3 @@ class FastEngine:
             probs, scale, shift - np.asarray(lo, dtype=np.float64), sub, chunk, out_device=home
         )
         return labels, tuple(box)
-
-
-def probability_budget_ok(shape: tuple[int, ...], n_classes: int, limit_bytes: float = 8e9) -> bool:
-    """Whether full-resolution float32 probabilities fit the budget."""
-    return n_classes * math.prod(shape) * 4 < limit_bytes

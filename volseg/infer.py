@@ -383,9 +383,6 @@ class Predictor:
         return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
 
 
-INFER_OVERRIDABLE = ("infer.", "data.crop_foreground")
-
-
 def _check_infer_overrides(overrides: list[str] | None) -> None:
     """At inference only the inference settings may change: the network was trained with the rest."""
     from volseg.recipe import parse_override
@@ -657,9 +654,11 @@ def _infer_worker(
 
     import ignite.distributed as idist
 
+    from volseg.fileio import write_text_atomic
+    from volseg.runtime import rank_device
+
     rank, world = idist.get_rank(), idist.get_world_size()
-    if torch.cuda.is_available() and device not in ("cpu",):
-        device = f"cuda:{local_rank}"
+    device = rank_device(device, local_rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     mine = sources[rank::world]
 
@@ -670,4 +669,4 @@ def _infer_worker(
         _segment([Path(p) for p in mine], Path(out_dir), Path(bundle), device, echo, job) if mine else ([], [])
     )
     report = {"written": [str(p) for p in written], "failures": [(str(a), b) for a, b in failures]}
-    (Path(reports) / f"rank{rank}.json").write_text(json.dumps(report))
+    write_text_atomic(Path(reports) / f"rank{rank}.json", json.dumps(report))

@@ -28,6 +28,7 @@ from volseg import __version__
 from volseg.bundle import _versions, write_bundle_configs
 from volseg.data.datalist import load_datalist, split_cases
 from volseg.errors import UserError
+from volseg.fileio import write_text_atomic
 from volseg.recipe import Recipe
 from volseg.runtime import cpu_has_native_bf16, distributed_backend, rank_device, resolve_device
 
@@ -274,7 +275,7 @@ def _spawned(
 
 def _write_result(run_dir: Path, result: TrainResult) -> None:
     data = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-    (run_dir / "logs" / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(run_dir / "logs" / "result.json", json.dumps(data, indent=2) + "\n")
 
 
 def _read_result(run_dir: Path) -> TrainResult:
@@ -372,10 +373,8 @@ def _run(
             "train_cases": len(train_cases),
             "val_cases": len(val_cases),
         }
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (run_dir / "logs" / ("run_info.json" if not resume else "run_info_resume.json")).write_text(
-            json.dumps(info, indent=2) + "\n"
-        )
+        name = "run_info.json" if not resume else "run_info_resume.json"
+        write_text_atomic(run_dir / "logs" / name, json.dumps(info, indent=2) + "\n")
 
     rel_train, rel_val = _relative_cases(train_cases, base), _relative_cases(val_cases, base)
     cfg = train_config(recipe, str(base), rel_train, rel_val)
@@ -592,10 +591,9 @@ def _run(
     if world > 1:
         digests: Any = idist.all_gather(_state_digest(network))
         if rank == 0:
-            (run_dir / "logs" / "distributed.json").write_text(
-                json.dumps({"world_size": world, "backend": idist.backend(), "state_digests": digests,
-                            "identical": len(set(digests)) == 1}, indent=2) + "\n"
-            )  # fmt: skip
+            record = {"world_size": world, "backend": idist.backend(), "state_digests": digests,
+                      "identical": len(set(digests)) == 1}  # fmt: skip
+            write_text_atomic(run_dir / "logs" / "distributed.json", json.dumps(record, indent=2) + "\n")
     if rank == 0:
         finish_bundle(recipe, run_dir, result, network, base, len(train_cases), len(val_cases))
         _write_result(run_dir, result)

@@ -323,10 +323,6 @@ def _tuple(value: Any, kind: type) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Writing safely
-
-
-# --------------------------------------------------------------------------------------------------------
 # NIfTI
 
 
@@ -391,7 +387,7 @@ def _load_reference(path: Path) -> Any:
         return nib.load(path)
     except FileNotFoundError:
         raise UserError("reference image does not exist", path) from None
-    except Exception as exc:  # nibabel raises many types for unreadable files
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for unreadable files
         raise UserError(f"cannot read reference image ({exc})", path) from None
 
 
