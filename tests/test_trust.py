@@ -415,3 +415,14 @@ def test_corpus_payloads_run_when_trusted(case, craft, recipe, tmp_path: Path, s
     out = tmp_path / "out"
     _cli(capsys, "infer", str(scan), "--bundle", str(root), "--engine", "monai", "--trust-bundle", "-o", str(out))
     assert marker.exists()
+
+
+def test_fold_bundles_inside_an_ensemble_may_hold_volsegs_scripts_only(tmp_path: Path) -> None:
+    raw = _raw(name="unet_plusplus", args={})
+    root = write_bundle_configs(recipe_from_dict(raw), tmp_path / "ensemble")
+    write_bundle_configs(recipe_from_dict(raw), root / "folds" / "fold_0")
+    assert (root / "folds" / "fold_0" / "scripts" / "nets.py").is_file()
+    check_bundle(root)
+    nets = root / "folds" / "fold_0" / "scripts" / "nets.py"
+    nets.write_text(nets.read_text() + "\nprint('hello')\n")
+    _refused(root, "folds/fold_0/scripts/nets.py is Python code outside scripts/")

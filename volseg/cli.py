@@ -64,6 +64,11 @@ def train(
     nproc_per_node: Annotated[
         int, typer.Option("--nproc-per-node", min=1, help="processes to spawn (one per GPU; gloo on CPU)")
     ] = 1,
+    folds: Annotated[
+        int | None,
+        typer.Option(min=2, help="K-fold cross-validation: train every fold, the run becomes their ensemble"),
+    ] = None,
+    fold: Annotated[int | None, typer.Option(min=0, help="with --folds: train only this fold")] = None,
     time_budget: Annotated[
         str | None, typer.Option("--time-budget", help="without --config: training time to plan for, e.g. 20m")
     ] = None,
@@ -89,7 +94,19 @@ def train(
     run_dir = out or Path("runs") / recipe.name
     if not skip_check and int(os.environ.get("RANK", "0")) == 0:
         _check_before_training(recipe, root)
+    if fold is not None and folds is None:
+        raise UserError("--fold k needs --folds K", "--fold")
     try:
+        if folds is not None:
+            from volseg.folds import train_folds
+
+            results = train_folds(
+                recipe, root, run_dir, folds, only=fold, resume=resume, echo=_echo, device=device,
+                overrides=set_ or [], nproc_per_node=nproc_per_node,
+            )  # fmt: skip
+            for r in results:
+                _echo(f"{r.run_dir.name}: best mean Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch})")
+            return
         result = run_train(
             recipe, root, run_dir, resume=resume, device=device, echo=_echo, overrides=set_ or [],
             nproc_per_node=nproc_per_node,

@@ -173,6 +173,10 @@ class Predictor:
         self.network: torch.nn.Module | None = None
         self._chain: dict[str, Any] | None = None
         self.fast = None
+        from volseg.folds import fold_weights
+
+        #: The fold models of an ensemble bundle (models/folds/fold_k.pt), averaged by both engines; else [].
+        self.folds = fold_weights(self.bundle_dir) if recipe is not None else []
         if engine != "monai" and recipe is not None:
             from volseg.fastpath import FastEngine, unsupported_reason
 
@@ -187,24 +191,36 @@ class Predictor:
 
                     self.network = load_onnx_network(self.bundle_dir, self.device, precision, self.notes)
                     precision = "fp32"
+                    if self.folds:
+                        self.notes.append("note: the onnx engine runs models/model.onnx (fold 0), not the ensemble")
                 else:
-                    self.network = self._recipe_network(recipe)
+                    self.network = self._recipe_networks(recipe)
                 self.fast = FastEngine(recipe, self.network, self.device, precision)
                 self.notes += self.fast.engine_notes
         if engine == "onnx" and self.fast is None:
             raise UserError("the onnx engine runs 3D volseg bundles (those the fast engine runs)", self.bundle_dir)
         if self.fast is None:
+            if self.folds and recipe is not None:
+                self.network = self._recipe_networks(recipe)
             self._build_chain()
 
-    def _weights(self) -> dict[str, Any]:
+    def _weights(self, path: Path | None = None) -> dict[str, Any]:
         from volseg.trust import safe_torch_load
 
-        state = safe_torch_load(self.bundle_dir / "models" / "model.pt")
+        state = safe_torch_load(path or self.bundle_dir / "models" / "model.pt")
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         return state
 
-    def _recipe_network(self, recipe: Any) -> torch.nn.Module:
+    def _recipe_networks(self, recipe: Any) -> Any:
+        """The recipe's network with the bundle's weights, or the mean of its fold models (:func:`ensembled`)."""
+        if not self.folds:
+            return self._recipe_network(recipe)
+        from volseg.folds import ensembled
+
+        return ensembled([self._recipe_network(recipe, path) for path in self.folds])
+
+    def _recipe_network(self, recipe: Any, weights: Path | None = None) -> torch.nn.Module:
         """The recipe's network with the bundle's weights, built by volseg itself (no bundle config evaluated):
         in plain PyTorch where :mod:`volseg.fastnets` covers it (no MONAI import), else from MONAI's class."""
         from volseg.fastnets import build_inference_network
@@ -212,7 +228,7 @@ class Predictor:
 
         m = recipe.model
         cfg = network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args, for_inference=True)
-        state = self._weights()
+        state = self._weights(weights)
         net = build_inference_network(cfg)
         if net is not None:
             try:
@@ -225,7 +241,8 @@ class Predictor:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0][:200]
-            raise UserError(f"models/model.pt does not fit the recipe's network ({first})", self.bundle_dir) from None
+            where = weights or self.bundle_dir / "models" / "model.pt"
+            raise UserError(f"the weights do not fit the recipe's network ({first})", where) from None
         return net.to(self.device).eval()
 
     def _build_chain(self) -> dict[str, Any]:
