@@ -402,6 +402,24 @@ def export_bundles(
         _echo(f"wrote {path}")
 
 
+@app.command("export-dataset")
+def export_dataset(
+    data: Annotated[Path, typer.Option(help="data folder or CSV (any layout volseg reads)")],
+    out: Annotated[Path, typer.Option(help="folder to write the data set into")],
+    name: Annotated[str, typer.Option(help="the data set's name, e.g. Dataset501_Liver")],
+    format_: Annotated[str, typer.Option("--format", help="nnunet (nnU-Net v2's raw data set)")] = "nnunet",
+    config: Annotated[Path | None, typer.Option(help="recipe whose labels and modality to record")] = None,
+) -> None:
+    """Write a labelled data set in another tool's layout (nnU-Net v2 raw: imagesTr, labelsTr, dataset.json)."""
+    if format_ != "nnunet":
+        raise UserError(f"unknown format '{format_}'; known: nnunet", "--format")
+    from volseg.data.export import export_nnunet
+    from volseg.recipe import load_recipe
+
+    recipe = load_recipe(config) if config else None
+    export_nnunet(data, out, name=name, recipe=recipe, source=recipe.data.source if recipe else "auto", echo=_echo)
+
+
 @app.command("rewrite-bundle")
 def rewrite_bundle(
     bundle: Annotated[Path, typer.Argument(help="bundle folder (a volseg run)")],
