@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--nnunet", default="nnunetv2==2.8.1")
     ap.add_argument("--budget-s", type=float, default=600.0, help="training wall-clock budget of each tool")
     ap.add_argument("--nnunet-iterations", type=int, default=50, help="nnU-Net iterations per epoch")
+    ap.add_argument("--no-nnunet-mirroring", action="store_true", help="skip nnU-Net's (8x slower) mirrored run")
     ap.add_argument("--n-train", type=int, default=10)
     ap.add_argument("--n-test", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -178,7 +179,8 @@ def main() -> None:
                                        "--time-budget", f"{int(args.budget_s)}s"], log=logs / "volseg_train.log",
                                       timeout=args.budget_s * 3 + 600)  # fmt: skip
     predictions: dict[str, dict[str, Any]] = {}
-    for name, extra in (("nnunet, mirroring (default)", []), ("nnunet, no mirroring", ["--disable_tta"])):
+    runs_nnunet = [("nnunet, mirroring (default)", []), ("nnunet, no mirroring", ["--disable_tta"])]
+    for name, extra in runs_nnunet[1:] if args.no_nnunet_mirroring else runs_nnunet:
         out = work / ("pred_nnunet_tta" if not extra else "pred_nnunet")
         shutil.rmtree(out, ignore_errors=True)
         r = run_child([bindir / "nnUNetv2_predict", "-i", test, "-o", out, "-d", DATASET_ID, "-c", "3d_fullres",
