@@ -187,3 +187,17 @@ def environment() -> dict[str, str]:
     env["VOLSEG_DICOMWEB_USER"] = USER
     env["VOLSEG_DICOMWEB_PASSWORD"] = PASSWORD
     return env
+
+
+def started_orthanc(storage: Path) -> OrthancServer:
+    """An OrthancServer to enter (``with started_orthanc(dir) as server``); without Orthanc and its DICOMweb plugin
+    the test skips with how to install them, and fails when CI is set."""
+    import pytest
+
+    exe, plugin = find_orthanc()
+    if exe is None or plugin is None:
+        how = "apt-get install orthanc orthanc-dicomweb"
+        if os.environ.get("CI"):
+            pytest.fail(f"Orthanc with its DICOMweb plugin is not installed; CI must provide it ({how})", pytrace=False)
+        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed ({how})")
+    return OrthancServer(storage)

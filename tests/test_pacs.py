@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from helpers import REPO, TINY_FLOORS, assert_real_overlap, dciodvfy_errors, free_port, require_tool
-from orthanc_server import PASSWORD, OrthancServer, environment, find_orthanc, self_signed_certificate
+from orthanc_server import PASSWORD, OrthancServer, environment, self_signed_certificate, started_orthanc
 from pydicom.uid import generate_uid
 
 from volseg.data.synth import liver_ct_phantom
@@ -157,13 +156,7 @@ def test_bounded_retries() -> None:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    exe, plugin = find_orthanc()
-    if exe is None or plugin is None:
-        how = "apt-get install orthanc orthanc-dicomweb"
-        if os.environ.get("CI"):
-            pytest.fail(f"Orthanc with its DICOMweb plugin is not installed; CI must provide it ({how})", pytrace=False)
-        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed ({how})")
-    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
+    with started_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 
 

@@ -6,7 +6,6 @@ Against a real Orthanc with its DICOMweb plugin (tests/orthanc_server.py); skipp
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import dicom_factory as F
 import numpy as np
 import pytest
 from helpers import REPO, free_port, save_nifti, write_random_bundle
-from orthanc_server import OrthancServer, environment, find_orthanc
+from orthanc_server import OrthancServer, environment, started_orthanc
 from pydicom.uid import generate_uid
 
 from volseg.data.synth import liver_ct_phantom
@@ -29,13 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory):
-    exe, plugin = find_orthanc()
-    if exe is None or plugin is None:
-        how = "apt-get install orthanc orthanc-dicomweb"
-        if os.environ.get("CI"):
-            pytest.fail(f"Orthanc with its DICOMweb plugin is not installed; CI must provide it ({how})", pytrace=False)
-        pytest.skip(f"Orthanc with its DICOMweb plugin is not installed ({how})")
-    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
+    with started_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 
 
