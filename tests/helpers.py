@@ -210,3 +210,15 @@ def write_random_bundle(root: Path, seed: int = 0, recipe: Mapping | None = None
     (root / "models").mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), root / "models" / "model.pt")
     return root
+
+
+def stop_process(proc, sig: int, timeout: float = 30) -> int:
+    """Send ``sig`` to a server started by a test and wait for it (killed past ``timeout``); its exit status."""
+    import subprocess
+
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

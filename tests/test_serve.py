@@ -21,7 +21,7 @@ import dicom_factory as F
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import REPO, assert_labels_present, free_port, save_nifti, write_random_bundle
+from helpers import REPO, assert_labels_present, free_port, save_nifti, stop_process, write_random_bundle
 
 from volseg.data.synth import liver_ct_phantom
 from volseg.errors import UserError
@@ -436,12 +436,7 @@ def test_volseg_serve_subprocess(bundle: Path, scan: Path, expected: np.ndarray,
             urllib.request.urlopen(f"{base}/v1/models?x=1", data=b"")  # POST to a GET route
         assert info.value.code == 405
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
+        rc = stop_process(proc, signal.SIGINT, 30)
         log.close()
     assert rc == 0, (tmp_path / "serve.log").read_text()
     assert not list(tmp_path.glob("volseg-serve-*")), "request folders left behind"

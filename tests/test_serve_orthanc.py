@@ -17,7 +17,7 @@ from pathlib import Path
 import dicom_factory as F
 import numpy as np
 import pytest
-from helpers import REPO, free_port, save_nifti, write_random_bundle
+from helpers import REPO, free_port, save_nifti, stop_process, write_random_bundle
 from orthanc_server import OrthancServer, environment, started_orthanc
 from pydicom.uid import generate_uid
 
@@ -92,11 +92,6 @@ def test_serve_with_an_orthanc_watcher(orthanc: OrthancServer, tmp_path: Path) -
         assert len(segs) == 1, (tmp_path / "serve.log").read_text()
         assert series_uid in json.loads(state.read_text())["done"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
+        rc = stop_process(proc, signal.SIGTERM, 60)
         log.close()
     assert rc == 0, (tmp_path / "serve.log").read_text()

@@ -118,7 +118,8 @@ def assemble_ensemble(recipe: Recipe, data_root: str | Path, run_dir: Path, fold
     from volseg.train import _read_result, _relative_cases, split_run_cases
 
     first = fold_recipe(recipe, folds, 0)
-    train_cases, val_cases, base = split_run_cases(first, data_root)
+    splits = [split_run_cases(fold_recipe(recipe, folds, k), data_root) for k in range(folds)]
+    train_cases, val_cases, base = splits[0]
     results = [_read_result(run_dir / "folds" / f"fold_{k}") for k in range(folds)]
     metrics: dict[str, float] = {"cv_mean_dice": round(statistics.mean(r.best_mean_dice for r in results), 4)}
     for name in results[0].per_label_dice:
@@ -149,11 +150,11 @@ def assemble_ensemble(recipe: Recipe, data_root: str | Path, run_dir: Path, fold
         if src.is_file():
             with atomic_path(run_dir / "models" / name) as tmp:
                 shutil.copyfile(src, tmp)
-    splits = []
-    for k, r in enumerate(results):
-        _, val, _ = split_run_cases(fold_recipe(recipe, folds, k), data_root)
-        splits.append({"fold": k, "validation": _relative_cases(val, base), "best_mean_dice": r.best_mean_dice,
-                       "per_label_dice": r.per_label_dice, "epochs": r.epochs, "seconds": r.seconds})  # fmt: skip
-    record = {"folds": folds, "seed": recipe.data.split.seed, "splits": splits, "metrics": metrics}
+    per_fold = [
+        {"fold": k, "validation": _relative_cases(splits[k][1], base), "best_mean_dice": r.best_mean_dice,
+         "per_label_dice": r.per_label_dice, "epochs": r.epochs, "seconds": r.seconds}
+        for k, r in enumerate(results)
+    ]  # fmt: skip
+    record = {"folds": folds, "seed": recipe.data.split.seed, "splits": per_fold, "metrics": metrics}
     write_text_atomic(run_dir / "logs" / "folds.json", json.dumps(record, indent=2) + "\n")
     return run_dir
