@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from volseg.data import synth
+from volseg.data import synth_liver as synth
 from volseg.data.synth import best_window_dice, case_seed, liver_ct_geometry, liver_ct_phantom, write_dataset
 from volseg.errors import UserError
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from volseg.data.synth import LABELS, Phantom
+from volseg.data.synth_base import LABELS, Phantom
 from volseg.errors import UserError
 from volseg.fileio import atomic_path, write_text_atomic
 
