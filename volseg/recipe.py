@@ -337,6 +337,35 @@ class Infer(_Strict):
         return v
 
 
+class Cascade(_Strict):
+    """A second, fine stage (nnU-Net's 3d_cascade_fullres, TotalSegmentator's ROI models).
+
+    The recipe's own network is the coarse stage: it segments the whole image at ``data.spacing``. The fine stage
+    segments a crop around the coarse stage's foreground (the ``roi_labels``, plus ``margin_mm`` on every side) at
+    its own spacing and patch size, and its labels replace the coarse ones inside the crop. It is trained on crops
+    around the reference foreground whose margins are drawn from ``train_margin_mm`` per side, so that it has seen
+    crops looser and tighter than the coarse stage's. Everything not given here is the recipe's own.
+    """
+
+    roi_labels: list[str] = Field(
+        default_factory=list, description="labels whose union is the fine stage's region; [] is every foreground label"
+    )
+    margin_mm: PositiveFloat = Field(default=20.0, description="margin around the coarse foreground at inference")
+    train_margin_mm: tuple[PositiveFloat, PositiveFloat] = Field(
+        default=(8.0, 40.0), description="range of the per-side margin of the training crops"
+    )
+    spacing: tuple[PositiveFloat, ...] = Field(description="the fine stage's voxel spacing in mm")
+    patch_size: tuple[PositiveInt, ...] = Field(description="the fine stage's training patch")
+    model_args: dict[str, Any] = Field(
+        default_factory=dict, description="arguments of the fine network that differ from model.args"
+    )
+    max_epochs: PositiveInt | None = Field(default=None, description="defaults to train.max_epochs")
+    iterations_per_epoch: PositiveInt | None = Field(default=None, description="defaults to train's")
+    sampler: Literal["pos_neg", "class_balanced"] = Field(
+        default="class_balanced", description="class_balanced centres patches on every label alike (small lesions)"
+    )
+
+
 class Recipe(_Strict):
     """A whole task."""
 
@@ -349,6 +378,9 @@ class Recipe(_Strict):
     model: Model = Model()
     train: Train = Train()
     infer: Infer = Infer()
+    cascade: Cascade | None = Field(
+        default=None, description="a fine second stage on a crop around the coarse foreground (3D only)"
+    )
 
     @model_validator(mode="after")
     def _plain_data(self) -> Recipe:
@@ -383,7 +415,32 @@ class Recipe(_Strict):
         bad = [p for p in self.train.patch_size if p % stride]
         if bad:
             raise ValueError(f"train.patch_size {list(self.train.patch_size)} must be divisible by {stride}")
+        if self.cascade is not None:
+            self._check_cascade(self.cascade)
         return self
+
+    def _check_cascade(self, c: Cascade) -> None:
+        nd = self.model.spatial_dims
+        if nd != 3:
+            raise ValueError("cascade needs a 3D model")
+        for key, value in (("cascade.spacing", c.spacing), ("cascade.patch_size", c.patch_size)):
+            if len(value) != nd:
+                raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
+        for name in c.roi_labels:
+            if name not in self.data.labels or self.data.labels[name].value == 0:
+                raise ValueError(f"cascade.roi_labels names '{name}', which is not a foreground label")
+        if c.train_margin_mm[0] > c.train_margin_mm[1]:
+            raise ValueError("cascade.train_margin_mm is (low, high) with low <= high")
+        fine = Model(
+            name=self.model.name,
+            spatial_dims=nd,
+            in_channels=self.model.in_channels,
+            args={**self.model.args, **c.model_args},
+        )
+        stride = 2 ** _depth(fine)
+        bad = [p for p in c.patch_size if p % stride]
+        if bad:
+            raise ValueError(f"cascade.patch_size {list(c.patch_size)} must be divisible by {stride}")
 
     @property
     def num_classes(self) -> int:

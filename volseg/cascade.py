@@ -1,0 +1,260 @@
+"""Two-stage cascade: a coarse stage over the whole image, a fine stage on a crop around its foreground.
+
+nnU-Net plans a low-resolution stage and a cascade when its patch covers little of the image; TotalSegmentator
+runs fine models on regions found by a coarse one. volseg's cascade is the region kind, which on a CPU costs the
+fine stage only the region's voxels:
+
+1. the recipe's own network (the coarse stage, ``data.spacing``) segments the whole image;
+2. the box around the coarse stage's ``cascade.roi_labels`` (every connected object of at least a tenth of the
+   largest one's volume, so that a stray speck does not stretch it), plus ``cascade.margin_mm`` on every side,
+   is cropped from the input at the input's own resolution;
+3. the fine stage (``cascade.spacing``, ``cascade.patch_size``) segments the crop; inside the box its labels
+   are the answer, outside it the coarse labels are kept for the labels that are not region labels.
+
+Both stages live in one bundle: the run folder is the coarse stage's bundle and ``stages/fine/`` is the fine
+stage's, whose recipe is :func:`fine_recipe` of the parent's (checked when the bundle is loaded).
+
+Training: the coarse stage trains as any recipe. The fine stage trains on crops of the same cases around their
+reference region, each side's margin drawn from ``cascade.train_margin_mm``, at the input resolution (the fine
+stage's own preprocessing resamples them), with the coarse stage's train/validation split: the crops are listed in
+the cases' own order, so the seeded split picks the same cases (and :func:`train_cascade` checks it does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volseg.errors import UserError
+from volseg.recipe import Recipe, recipe_from_dict
+
+FINE_DIR = "stages/fine"
+"""Where the fine stage's bundle lives inside the cascade's bundle."""
+
+KEEP_FRACTION = 0.1
+"""Objects of the coarse region smaller than this fraction of the largest one do not widen the box."""
+
+
+def fine_recipe(recipe: Recipe) -> Recipe:
+    """The fine stage's recipe: the recipe with the cascade's spacing, patch, network arguments and schedule."""
+    c = recipe.cascade
+    if c is None:
+        raise ValueError("recipe has no cascade")
+    raw = recipe.model_dump(mode="json")
+    raw.pop("cascade")
+    raw["name"] = f"{recipe.name}_fine"
+    raw["description"] = f"Fine stage of {recipe.name}: {recipe.description}".strip()
+    raw["data"].update(spacing=list(c.spacing), root=None, source="msd", crop_foreground=False)
+    raw["model"]["args"] = {**recipe.model.args, **c.model_args}
+    t = raw["train"]
+    t.update(patch_size=list(c.patch_size), sampler=c.sampler)
+    if c.max_epochs is not None:
+        t["max_epochs"] = c.max_epochs
+    if c.iterations_per_epoch is not None:
+        t["iterations_per_epoch"] = c.iterations_per_epoch
+    raw["infer"]["roi_size"] = None
+    return recipe_from_dict(raw, f"{recipe.name}: cascade")
+
+
+def roi_values(recipe: Recipe) -> list[int]:
+    """Label values whose union is the fine stage's region."""
+    c = recipe.cascade
+    names = (c.roi_labels if c is not None else []) or [n for n, lab in recipe.data.labels.items() if lab.value]
+    return sorted(recipe.data.labels[n].value for n in names)
+
+
+def _voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    nd = affine.shape[0] - 1
+    return np.sqrt((np.asarray(affine[:nd, :nd], dtype=float) ** 2).sum(axis=0))
+
+
+def region_box(
+    mask: np.ndarray,
+    affine: np.ndarray,
+    margin_mm: float | Sequence[float] | np.ndarray,
+    keep_fraction: float = KEEP_FRACTION,
+) -> tuple[slice, ...] | None:
+    """The box (one slice per axis) around ``mask``'s objects of at least ``keep_fraction`` of the largest one,
+    widened by ``margin_mm`` (a number, or per axis ``(low, high)`` pairs as an (nd, 2) array), clipped to the
+    image; None when the mask is empty."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return None
+    if keep_fraction > 0:
+        objects, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(objects.ravel())[1:]
+            keep = np.flatnonzero(sizes >= keep_fraction * sizes.max()) + 1
+            mask = np.isin(objects, keep)
+    idx = np.argwhere(mask)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    margins = np.broadcast_to(
+        np.asarray(margin_mm, dtype=float).reshape(-1, 1)
+        if np.ndim(margin_mm) == 1
+        else np.asarray(margin_mm, dtype=float),
+        (mask.ndim, 2),
+    )
+    pad = np.ceil(margins / _voxel_sizes(affine)[:, None]).astype(int)
+    return tuple(
+        slice(max(0, int(lo[a] - pad[a, 0])), min(mask.shape[a], int(hi[a] + pad[a, 1]))) for a in range(mask.ndim)
+    )
+
+
+def box_affine(affine: np.ndarray, box: Sequence[slice]) -> np.ndarray:
+    """The affine of ``array[box]``: the same axes, the origin moved to the box's first voxel."""
+    nd = len(box)
+    out = np.array(affine, dtype=float, copy=True)
+    out[:nd, nd] = affine[:nd, :nd] @ np.array([s.start for s in box], dtype=float) + affine[:nd, nd]
+    return out
+
+
+def merge(coarse: np.ndarray, fine: np.ndarray, box: Sequence[slice], roi: Sequence[int]) -> np.ndarray:
+    """Coarse labels outside the box without the region labels; the fine labels inside the box."""
+    out = np.where(np.isin(coarse, list(roi)), 0, coarse).astype(coarse.dtype, copy=False)
+    out[tuple(box)] = fine.astype(out.dtype, copy=False)
+    return out
+
+
+def refine(
+    recipe: Recipe,
+    coarse: np.ndarray,
+    image: np.ndarray,
+    affine: np.ndarray,
+    segment_fine: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, str | None]:
+    """Run the fine stage on the box around the coarse labels' region (``image``, ``coarse`` and the result on the
+    input grid, spatial axes last for ``image``). Returns (labels, a note when the coarse stage found no region)."""
+    c = recipe.cascade
+    assert c is not None
+    roi = roi_values(recipe)
+    box = region_box(np.isin(coarse, roi), affine, c.margin_mm)
+    if box is None:
+        return coarse, "the coarse stage found none of the fine stage's region; its labels are the answer"
+    spatial = (slice(None),) * (image.ndim - coarse.ndim) + tuple(box)
+    fine = segment_fine(np.ascontiguousarray(image[spatial]), box_affine(affine, box))
+    return merge(coarse, fine, box, roi), None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _load(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
+    """A training image or label as (array with spatial axes last... as stored, affine, nibabel header or None)."""
+    import nibabel as nib
+
+    if path.endswith((".nii", ".nii.gz")):
+        img: Any = nib.load(path)
+        return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=float), img.header
+    from monai.transforms import LoadImage
+
+    data = LoadImage(image_only=True)(path)
+    return np.asarray(data), np.asarray(data.affine, dtype=float), None
+
+
+def write_fine_dataset(
+    recipe: Recipe, cases: list[dict[str, str]], out_dir: Path, seed: int = 0
+) -> tuple[Path, list[str]]:
+    """Crops of ``cases`` around their reference region, as an MSD data set in ``out_dir`` (the cases' order).
+
+    Every case gets its own per-side margins, drawn from ``cascade.train_margin_mm``; a case whose label holds
+    none of the region is cropped to the whole image. Returns (the data set folder, the case names).
+    """
+    import nibabel as nib
+
+    c = recipe.cascade
+    assert c is not None
+    roi = roi_values(recipe)
+    rng = np.random.default_rng(seed)
+    for sub in ("imagesTr", "labelsTr"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    items, names = [], []
+    for i, case in enumerate(cases):
+        image, affine, header = _load(case["image"])
+        label, _, _ = _load(case["label"])
+        label = np.asarray(label)
+        if label.shape[-3:] != image.shape[-3:]:
+            raise UserError(f"label shape {label.shape} differs from the image's {image.shape}", case["label"])
+        margins = rng.uniform(c.train_margin_mm[0], c.train_margin_mm[1], size=(3, 2))
+        box = region_box(np.isin(label[..., :, :, :] if label.ndim == 3 else label[0], roi), affine, margins, 0.0)
+        box = box or tuple(slice(0, n) for n in label.shape[-3:])
+        name = f"case_{i:04d}.nii.gz"
+        crop_affine = box_affine(affine, box)
+        spatial = (slice(None),) * (image.ndim - 3) + tuple(box)
+        img_out = nib.Nifti1Image(np.ascontiguousarray(np.asarray(image)[spatial]), crop_affine, header)
+        if header is not None:
+            img_out.set_qform(crop_affine, int(header["qform_code"]) or 1)
+            img_out.set_sform(crop_affine, int(header["sform_code"]) or 1)
+        nib.save(img_out, str(out_dir / "imagesTr" / name))
+        lab = np.ascontiguousarray(label[(slice(None),) * (label.ndim - 3) + tuple(box)]).astype(np.uint8)
+        nib.save(nib.Nifti1Image(lab, crop_affine), str(out_dir / "labelsTr" / name))
+        items.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        names.append(Path(case["image"]).name)
+    meta = {
+        "name": f"{recipe.name}_fine",
+        "description": f"crops around {', '.join(map(str, roi))} for the fine stage of {recipe.name}",
+        "labels": {str(lab.value): n for n, lab in recipe.data.labels.items()},
+        "numTraining": len(items),
+        "training": items,
+    }
+    (out_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out_dir, names
+
+
+def train_cascade(
+    recipe: Recipe,
+    data_root: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    echo: Callable[[str], None] = print,
+    **train_kwargs: Any,
+) -> tuple[Any, Any]:
+    """Train the coarse stage into ``run_dir``, then the fine stage into ``run_dir/stages/fine``.
+
+    A stage already finished (its ``logs/result.json`` written) is kept; with ``resume`` an interrupted stage
+    continues. Returns the two stages' TrainResults.
+    """
+    import tempfile
+
+    from volseg.train import LAST, _read_result, split_run_cases, train
+
+    if recipe.cascade is None:
+        raise ValueError("recipe has no cascade")
+    run_dir = Path(run_dir).resolve()
+    fine = fine_recipe(recipe)
+    fine_dir = run_dir / FINE_DIR
+    results = []
+    for stage, stage_dir in (("coarse", run_dir), ("fine", fine_dir)):
+        if (stage_dir / "logs" / "result.json").is_file() and (stage_dir / LAST).is_file() and resume:
+            echo(f"{stage} stage: finished earlier ({stage_dir})")
+            results.append(_read_result(stage_dir))
+            continue
+        started = resume and (stage_dir / LAST).is_file()
+        if stage == "coarse":
+            echo(f"coarse stage ({recipe.model.name}, spacing {list(recipe.data.spacing or [])} mm)")
+            results.append(train(recipe, data_root, stage_dir, resume=started, echo=echo, **train_kwargs))
+            continue
+        train_cases, val_cases, _ = split_run_cases(recipe, data_root)
+        ordered = _in_datalist_order(recipe, data_root)
+        with tempfile.TemporaryDirectory(prefix="volseg-fine-") as tmp:
+            echo(f"fine stage: cropping {len(ordered)} cases around labels {roi_values(recipe)}")
+            fine_root, names = write_fine_dataset(recipe, ordered, Path(tmp), seed=recipe.train.seed)
+            f_train, f_val, _ = split_run_cases(fine, fine_root)
+            picked = [names[int(Path(c["image"]).name[5:9])] for c in f_val]
+            if picked != [Path(c["image"]).name for c in val_cases]:
+                raise RuntimeError("the fine stage's validation split differs from the coarse stage's")
+            echo(f"fine stage ({fine.model.name}, spacing {list(fine.data.spacing or [])} mm) into {fine_dir}")
+            results.append(train(fine, fine_root, fine_dir, resume=started, echo=echo, **train_kwargs))
+    return results[0], results[1]
+
+
+def _in_datalist_order(recipe: Recipe, data_root: str | Path) -> list[dict[str, str]]:
+    from volseg.data.datalist import load_datalist
+
+    return load_datalist(data_root, recipe.data.source)
