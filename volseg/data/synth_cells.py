@@ -67,6 +67,94 @@ def _touching_pairs(instances: np.ndarray) -> int:
     return len(pairs)
 
 
+def _place_nuclei(rng: np.random.Generator, h: int, w: int) -> tuple[list[np.ndarray], list[float]]:
+    """Centres and mean radii of the nuclei, half of them next to an earlier nucleus."""
+    n_target = int(rng.integers(28, 48) * (h * w) / 256**2)
+    centres: list[np.ndarray] = []
+    radii: list[float] = []
+    for _ in range(n_target * 60):
+        if len(centres) >= n_target:
+            break
+        r = float(rng.uniform(8.0, 16.0))
+        if centres and rng.random() < 0.55:
+            j = int(rng.integers(len(centres)))
+            angle = rng.uniform(0, 2 * math.pi)
+            c = centres[j] + (radii[j] + r) * rng.uniform(0.78, 0.95) * np.array([math.cos(angle), math.sin(angle)])
+        else:
+            c = rng.uniform([-4.0, -4.0], [h + 4.0, w + 4.0])
+        if not (0 <= c[0] < h and 0 <= c[1] < w):
+            continue
+        if any(np.hypot(*(c - cc)) < 0.74 * (r + rr) for cc, rr in zip(centres, radii, strict=True)):
+            continue
+        centres.append(c)
+        radii.append(r)
+
+    return centres, radii
+
+
+def _rasterise_nuclei(
+    rng: np.random.Generator, centres: list[np.ndarray], radii: list[float], h: int, w: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's owner (the nucleus in whose star-convex shape it lies deepest) and that normalised radius."""
+    best = np.full((h, w), np.inf)
+    owner = np.zeros((h, w), dtype=np.int32)
+    for k, (c, r) in enumerate(zip(centres, radii, strict=True), start=1):
+        elong = float(rng.uniform(1.0, 1.6))
+        a, b = r * math.sqrt(elong), r / math.sqrt(elong)
+        alpha = rng.uniform(0, math.pi)
+        harmonics = [(kk, rng.uniform(0, 0.16 / kk * 2), rng.uniform(0, 2 * math.pi)) for kk in range(2, 6)]
+        reach = a * (1 + sum(x[1] for x in harmonics)) + 2
+        r0, r1 = max(0, int(c[0] - reach)), min(h, int(c[0] + reach) + 2)
+        c0, c1 = max(0, int(c[1] - reach)), min(w, int(c[1] + reach) + 2)
+        yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float64)
+        dy, dx = yy - c[0], xx - c[1]
+        u = math.cos(alpha) * dx + math.sin(alpha) * dy
+        v = -math.sin(alpha) * dx + math.cos(alpha) * dy
+        rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        theta = np.arctan2(v / b, u / a)
+        bump = 1.0 + sum(amp * np.cos(kk * theta + ph) for kk, amp, ph in harmonics)
+        q = rho / bump
+        box = (slice(r0, r1), slice(c0, c1))
+        take = (q < 1.0) & (q < best[box])
+        best[box][take] = q[take]
+        owner[box][take] = k
+
+    return best, owner
+
+
+def _fluorescence(
+    rng: np.random.Generator, instances: np.ndarray, best: np.ndarray, n_cells: int
+) -> tuple[np.ndarray, float, float, float]:
+    """Camera counts of the nuclei (with texture), uneven illumination, haze, blur and noise; and the drawn blur,
+    photon scale and read noise."""
+    h, w = instances.shape
+    # Intensities: a bright interior falling off toward the edge, with texture.
+    brightness = np.concatenate([[0.0], rng.uniform(0.45, 1.0, n_cells)])
+    q = np.where(instances > 0, np.minimum(best, 1.0), 1.0)
+    texture = ndimage.gaussian_filter(rng.standard_normal((h, w)), 1.2)
+    texture /= max(float(texture.std()), 1e-6)
+    cells = brightness[instances] * (1.0 - 0.55 * q**3) * (1.0 + 0.12 * texture)
+    cells[instances == 0] = 0.0
+
+    # Uneven illumination (a broad off-centre spot and a gradient) and background haze.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    spot = rng.uniform([0, 0], [h, w])
+    width = rng.uniform(0.5, 0.9) * max(h, w)
+    tilt = rng.uniform(-0.25, 0.25, 2)
+    light = 0.55 + 0.6 * np.exp(-((yy - spot[0]) ** 2 + (xx - spot[1]) ** 2) / (2 * width**2))
+    light *= 1.0 + tilt[0] * (yy / h - 0.5) + tilt[1] * (xx / w - 0.5)
+    haze = 0.06 + 0.04 * ndimage.gaussian_filter(rng.standard_normal((h, w)), 12.0) * 12.0
+    signal = (cells + np.clip(haze, 0.01, None)) * light
+
+    blur = float(rng.uniform(1.0, 1.8))
+    signal = ndimage.gaussian_filter(signal, blur, mode="reflect")
+    photons = float(rng.uniform(120.0, 500.0))
+    read_sd, offset, gain = float(rng.uniform(2.0, 6.0)), 100.0, 2.0
+    counts = rng.poisson(np.clip(signal, 0, None) * photons) * gain + rng.normal(0.0, read_sd, (h, w)) + offset
+    image = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+    return image, blur, photons, read_sd
+
+
 def cells_image(seed: int, shape: tuple[int, int] = (256, 256)) -> CellImage:
     """Make one synthetic fluorescence image of densely packed, irregular, often touching nuclei.
 
@@ -94,51 +182,8 @@ def cells_image(seed: int, shape: tuple[int, int] = (256, 256)) -> CellImage:
         raise UserError(f"shape must be two sizes of at least 32 pixels, got {shape!r}")
     h, w = int(shape[0]), int(shape[1])
     rng = np.random.default_rng([int(seed), 7])
-
-    # Placement: centres and mean radii, half of them next to an earlier nucleus.
-    n_target = int(rng.integers(28, 48) * (h * w) / 256**2)
-    centres: list[np.ndarray] = []
-    radii: list[float] = []
-    for _ in range(n_target * 60):
-        if len(centres) >= n_target:
-            break
-        r = float(rng.uniform(8.0, 16.0))
-        if centres and rng.random() < 0.55:
-            j = int(rng.integers(len(centres)))
-            angle = rng.uniform(0, 2 * math.pi)
-            c = centres[j] + (radii[j] + r) * rng.uniform(0.78, 0.95) * np.array([math.cos(angle), math.sin(angle)])
-        else:
-            c = rng.uniform([-4.0, -4.0], [h + 4.0, w + 4.0])
-        if not (0 <= c[0] < h and 0 <= c[1] < w):
-            continue
-        if any(np.hypot(*(c - cc)) < 0.74 * (r + rr) for cc, rr in zip(centres, radii, strict=True)):
-            continue
-        centres.append(c)
-        radii.append(r)
-
-    best = np.full((h, w), np.inf)
-    owner = np.zeros((h, w), dtype=np.int32)
-    for k, (c, r) in enumerate(zip(centres, radii, strict=True), start=1):
-        elong = float(rng.uniform(1.0, 1.6))
-        a, b = r * math.sqrt(elong), r / math.sqrt(elong)
-        alpha = rng.uniform(0, math.pi)
-        harmonics = [(kk, rng.uniform(0, 0.16 / kk * 2), rng.uniform(0, 2 * math.pi)) for kk in range(2, 6)]
-        reach = a * (1 + sum(x[1] for x in harmonics)) + 2
-        r0, r1 = max(0, int(c[0] - reach)), min(h, int(c[0] + reach) + 2)
-        c0, c1 = max(0, int(c[1] - reach)), min(w, int(c[1] + reach) + 2)
-        yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float64)
-        dy, dx = yy - c[0], xx - c[1]
-        u = math.cos(alpha) * dx + math.sin(alpha) * dy
-        v = -math.sin(alpha) * dx + math.cos(alpha) * dy
-        rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
-        theta = np.arctan2(v / b, u / a)
-        bump = 1.0 + sum(amp * np.cos(kk * theta + ph) for kk, amp, ph in harmonics)
-        q = rho / bump
-        box = (slice(r0, r1), slice(c0, c1))
-        take = (q < 1.0) & (q < best[box])
-        best[box][take] = q[take]
-        owner[box][take] = k
-
+    centres, radii = _place_nuclei(rng, h, w)
+    best, owner = _rasterise_nuclei(rng, centres, radii, h, w)
     # Consecutive ids for the nuclei that kept pixels.
     kept = np.unique(owner[owner > 0])
     relabel = np.zeros(len(centres) + 1, dtype=np.uint16)
@@ -146,30 +191,7 @@ def cells_image(seed: int, shape: tuple[int, int] = (256, 256)) -> CellImage:
     instances = relabel[owner]
     label = ((instances > 0) & ~_touching_rim(instances)).astype(np.uint8)
 
-    # Intensities: a bright interior falling off toward the edge, with texture.
-    brightness = np.concatenate([[0.0], rng.uniform(0.45, 1.0, kept.size)])
-    q = np.where(instances > 0, np.minimum(best, 1.0), 1.0)
-    texture = ndimage.gaussian_filter(rng.standard_normal((h, w)), 1.2)
-    texture /= max(float(texture.std()), 1e-6)
-    cells = brightness[instances] * (1.0 - 0.55 * q**3) * (1.0 + 0.12 * texture)
-    cells[instances == 0] = 0.0
-
-    # Uneven illumination (a broad off-centre spot and a gradient) and background haze.
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    spot = rng.uniform([0, 0], [h, w])
-    width = rng.uniform(0.5, 0.9) * max(h, w)
-    tilt = rng.uniform(-0.25, 0.25, 2)
-    light = 0.55 + 0.6 * np.exp(-((yy - spot[0]) ** 2 + (xx - spot[1]) ** 2) / (2 * width**2))
-    light *= 1.0 + tilt[0] * (yy / h - 0.5) + tilt[1] * (xx / w - 0.5)
-    haze = 0.06 + 0.04 * ndimage.gaussian_filter(rng.standard_normal((h, w)), 12.0) * 12.0
-    signal = (cells + np.clip(haze, 0.01, None)) * light
-
-    blur = float(rng.uniform(1.0, 1.8))
-    signal = ndimage.gaussian_filter(signal, blur, mode="reflect")
-    photons = float(rng.uniform(120.0, 500.0))
-    read_sd, offset, gain = float(rng.uniform(2.0, 6.0)), 100.0, 2.0
-    counts = rng.poisson(np.clip(signal, 0, None) * photons) * gain + rng.normal(0.0, read_sd, (h, w)) + offset
-    image = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+    image, blur, photons, read_sd = _fluorescence(rng, instances, best, kept.size)
     info: dict[str, object] = {
         "seed": int(seed),
         "shape": [h, w],

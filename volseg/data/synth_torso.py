@@ -42,6 +42,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -180,9 +181,83 @@ def _paint(model_hu: np.ndarray, box, occ: np.ndarray, value) -> None:
     region += occ * (np.asarray(value, dtype=np.float32) - region)
 
 
-def _build_model(rng: np.random.Generator, h: float) -> _Model:
+def _near(
+    cx: float, cy: float, rx: float, ry: float, z_lo: float = -1e9, z_hi: float = 1e9
+) -> tuple[np.ndarray, np.ndarray]:
+    """The box around (cx, cy) with half sides (rx, ry), from z_lo to z_hi."""
+    return np.array([cx - rx, cy - ry, z_lo]), np.array([cx + rx, cy + ry, z_hi])
+
+
+@dataclass
+class _Torso:
+    """The drawn patient: scale, body outline and the visceral cavity, and where the spine lies."""
+
+    scale: float
+    A: float  # body half width (mm)
+    B: float  # body half depth (mm)
+    p_body: float  # superellipse exponent of the body outline
+    shift: float  # the inner outlines' shift toward the back (fat thicker in front)
+    cav_a: float
+    cav_b: float
+    spine_x: float
+    spine_y: float
+
+    def superellipse(self, ax: float, bx: float) -> Inside:
+        p_body = self.p_body
+
+        def inside(x, y, z):
+            waist = 1.0 + 0.04 * np.sin(z / 140.0)
+            return (np.abs(x / (ax * waist)) ** p_body + np.abs(y / (bx * waist)) ** p_body) <= 1.0
+
+        return inside
+
+    def shifted(self, ax: float, bx: float) -> Inside:
+        base, shift = self.superellipse(ax, bx), self.shift
+        return lambda x, y, z: base(x, y - shift, z)
+
+    def cavity(self, x, y, z) -> np.ndarray:
+        return self.shifted(self.cav_a, self.cav_b)(x, y, z)
+
+
+class _Painter:
+    """Paints tissues into the model lattice. Once the liver is painted, later paints take their voxels away from
+    the liver occupancy."""
+
+    def __init__(self, lattice: _Lattice, hu: dict[str, float], texture_amp: dict[str, float]) -> None:
+        self.lattice = lattice
+        self.hu = hu
+        self.texture_amp = texture_amp
+        shape = lattice.shape
+        self.model_hu = np.full(shape, -1000.0, dtype=np.float32)
+        self.liver_occ = np.zeros(shape, dtype=np.float32)
+        self.lesion_occ = np.zeros(shape, dtype=np.float32)
+        self.texture = np.zeros(0, dtype=np.float32)
+        self.after_liver = False
+
+    def draw_texture(self, rng: np.random.Generator) -> None:
+        """The shared correlated texture (filtered noise, 3.5 mm)."""
+        shape, h = self.lattice.shape, self.lattice.h
+        texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 3.5 / h, mode="wrap")
+        texture /= max(float(texture.std()), 1e-6)
+        self.texture = texture
+
+    def paint(self, inside: Inside, lo_, hi_, name: str, value: float | None = None, textured: bool = False):
+        found = _occupancy(self.lattice, inside, lo_, hi_)
+        if found is None:
+            return None
+        box, occ = found
+        v = self.hu[name] if value is None else value
+        if textured:
+            v = (v + self.texture_amp.get(name, 3.0) * self.texture[box]).astype(np.float32)
+        _paint(self.model_hu, box, occ, v)
+        if self.after_liver:
+            self.liver_occ[box] *= 1.0 - occ
+        return box, occ
+
+
+def _draw_tissues(rng: np.random.Generator) -> tuple[float, tuple[float, ...], dict[str, float], dict[str, float]]:
+    """Patient scale, the body's shape numbers (A, B, p_body, fat_side, fat_front, wall), HU and texture tables."""
     u = rng.uniform
-    # Patient and tissue values.
     scale = u(0.85, 1.2)
     A, B = scale * u(145, 185), scale * u(100, 130)  # body half width / depth (mm)
     p_body = u(2.0, 2.6)
@@ -211,8 +286,12 @@ def _build_model(rng: np.random.Generator, h: float) -> _Model:
         "bladder": u(0, 20),
     }
     texture_amp = {"liver": u(4, 10), "spleen": u(3, 8), "muscle": u(3, 8), "fat": u(5, 12), "kidney": u(5, 12)}
+    return scale, (A, B, p_body, fat_side, fat_front, wall), hu, texture_amp
 
-    # The liver first: it fixes the scan range.
+
+def _draw_liver(rng: np.random.Generator, scale: float):
+    """The liver's implicit function (a union of superquadrics plus a bump field) and its bounds."""
+    u = rng.uniform
     e_liver = u(2.3, 3.4)
     lobes = [
         ((-62, 0, 0), (60, 74, 74), (1, 0.2, 0.1), u(-15, 15)),
@@ -236,105 +315,59 @@ def _build_model(rng: np.random.Generator, h: float) -> _Model:
             g = np.minimum(g, p[0](x, y, z))
         return g + bump_amp * bump
 
-    liver_lo, liver_hi = lo - 0.2 * (hi - lo), hi + 0.2 * (hi - lo)
-    dome, bottom = float(hi[2]), float(lo[2])  # bounds; refined from the voxels below
+    return liver_g, bumps, lo, hi
 
-    # Scan range in z (patient frame) and the model lattice over the body.
-    z_top = dome + u(15, 60)
-    z_bottom = bottom - u(40, 250)
-    lat_lo = np.array([-A - 5, -B - 5, z_bottom - 15])
-    lat_hi = np.array([A + 5, B + 5, z_top + 15])
-    shape = tuple(int(v) for v in np.ceil((lat_hi - lat_lo) / h).astype(int) + 1)
-    lattice = _Lattice(lat_lo, h, shape)  # type: ignore[arg-type]
-    model_hu = np.full(shape, -1000.0, dtype=np.float32)
-    liver_occ = np.zeros(shape, dtype=np.float32)
-    lesion_occ = np.zeros(shape, dtype=np.float32)
-    texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 3.5 / h, mode="wrap")
-    texture /= max(float(texture.std()), 1e-6)
 
-    def tex(box, name: str, base: float) -> np.ndarray:
-        return (base + texture_amp.get(name, 3.0) * texture[box]).astype(np.float32)
-
-    after_liver = [False]  # once the liver is painted, later paints take its voxels away from the liver label
-
-    def superellipse(ax: float, bx: float):
-        def inside(x, y, z):
-            waist = 1.0 + 0.04 * np.sin(z / 140.0)
-            return (np.abs(x / (ax * waist)) ** p_body + np.abs(y / (bx * waist)) ** p_body) <= 1.0
-
-        return inside
-
-    def paint(inside: Inside, lo_, hi_, name: str, value: float | None = None, textured: bool = False):
-        found = _occupancy(lattice, inside, lo_, hi_)
-        if found is None:
-            return None
-        box, occ = found
-        v = hu[name] if value is None else value
-        _paint(model_hu, box, occ, tex(box, name, v) if textured else v)
-        if after_liver[0]:
-            liver_occ[box] *= 1.0 - occ
-        return box, occ
-
-    full_lo, full_hi = lat_lo, lat_hi
-    # Body layers: fat (thicker in front, i.e. at negative y), muscle wall, visceral cavity.
-    paint(superellipse(A, B), full_lo, full_hi, "fat", textured=True)
-    inner_a, inner_b = A - fat_side, B - 0.5 * (fat_side + fat_front)
-    shift = 0.5 * (fat_front - fat_side)
-
-    def shifted(ax, bx):
-        base = superellipse(ax, bx)
-        return lambda x, y, z: base(x, y - shift, z)
-
-    paint(shifted(inner_a, inner_b), full_lo, full_hi, "muscle", textured=True)
-    cav_a, cav_b = inner_a - wall, inner_b - wall
-    cavity = shifted(cav_a, cav_b)
-    paint(cavity, full_lo, full_hi, "visceral_fat")
-
-    spine_x, spine_y = 0.0, shift + cav_b - scale * 32
-
-    def near(
-        cx: float, cy: float, rx: float, ry: float, z_lo: float = -1e9, z_hi: float = 1e9
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return np.array([cx - rx, cy - ry, z_lo]), np.array([cx + rx, cy + ry, z_hi])
-
-    # Paraspinal muscles and psoas.
+def _paint_walls(painter: _Painter, t: _Torso, full_lo: np.ndarray, full_hi: np.ndarray, inner) -> None:
+    """Body layers (fat thicker in front, i.e. at negative y; muscle wall; visceral cavity), paraspinal muscles
+    and psoas."""
+    s, paint = t.scale, painter.paint
+    paint(t.superellipse(t.A, t.B), full_lo, full_hi, "fat", textured=True)
+    paint(t.shifted(*inner), full_lo, full_hi, "muscle", textured=True)
+    paint(t.cavity, full_lo, full_hi, "visceral_fat")
+    spine_y = t.spine_y
     for side in (1.0, -1.0):
-        px, py = side * 38 * scale, spine_y + 40 * scale
-        para = _superquadric((px, py, 0), (30 * scale, 24 * scale, 1e4), 2.2)
-        paint(_level(para[0], 1.0), *near(px, py, 31 * scale, 25 * scale), "muscle", textured=True)
+        px, py = side * 38 * s, spine_y + 40 * s
+        para = _superquadric((px, py, 0), (30 * s, 24 * s, 1e4), 2.2)
+        paint(_level(para[0], 1.0), *_near(px, py, 31 * s, 25 * s), "muscle", textured=True)
 
         def psoas(x, y, z, side=side):
-            r = scale * (12 + np.clip(-(z + 40) * 0.08, 0, 14))
-            return ((x - side * 42 * scale) ** 2 + (y - spine_y + 5) ** 2 <= r**2) & (z < -40 * scale)
+            r = s * (12 + np.clip(-(z + 40) * 0.08, 0, 14))
+            return ((x - side * 42 * s) ** 2 + (y - spine_y + 5) ** 2 <= r**2) & (z < -40 * s)
 
-        box_lo, box_hi = near(side * 42 * scale, spine_y - 5, 27 * scale, 27 * scale, z_hi=-40 * scale)
+        box_lo, box_hi = _near(side * 42 * s, spine_y - 5, 27 * s, 27 * s, z_hi=-40 * s)
         paint(psoas, box_lo, box_hi, "muscle", textured=True)
 
-    # Bowel: a thresholded smooth random field on the lattice below the liver (soft edges), fluid and gas.
-    bowel_top = bottom + 30 * scale
+
+def _paint_bowel(rng: np.random.Generator, painter: _Painter, t: _Torso, bottom: float) -> None:
+    """A thresholded smooth random field on the lattice below the liver (soft edges), fluid and gas."""
+    lattice, hu, model_hu = painter.lattice, painter.hu, painter.model_hu
+    shape, h = lattice.shape, lattice.h
+    bowel_top = bottom + 30 * t.scale
     bowel_field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 7.0 / h, mode="wrap")
     bowel_field /= max(float(bowel_field.std()), 1e-6)
     gas_field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 9.0 / h, mode="wrap")
     gas_field /= max(float(gas_field.std()), 1e-6)
-    gas_cut = u(0.6, 1.2)
-    x_all, y_all, z_all = lattice.coords((slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2])), np.zeros(3))
-    room = (cavity(x_all, y_all, z_all) & (z_all < bowel_top) & (y_all < spine_y - 25)).astype(np.float32)
-    bowel_occ = np.clip((bowel_field - 0.3) / 0.25 + 0.5, 0, 1) * room
+    gas_cut = rng.uniform(0.6, 1.2)
     everything = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    x_all, y_all, z_all = lattice.coords(everything, np.zeros(3))
+    room = (t.cavity(x_all, y_all, z_all) & (z_all < bowel_top) & (y_all < t.spine_y - 25)).astype(np.float32)
+    bowel_occ = np.clip((bowel_field - 0.3) / 0.25 + 0.5, 0, 1) * room
     _paint(model_hu, everything, bowel_occ, hu["bowel_fluid"])
     _paint(model_hu, everything, bowel_occ * np.clip((gas_field - gas_cut) / 0.25 + 0.5, 0, 1), -1000.0)
-    del bowel_field, gas_field, bowel_occ, room
 
-    # Stomach (patient left, anterior) with gas anteriorly (negative y).
-    st = _superquadric(scale * np.array([55, -35, 25]) + u(-6, 6, 3), scale * np.array([38, 30, 45]), 2.0)
+
+def _paint_stomach_kidneys_spleen(rng: np.random.Generator, painter: _Painter, t: _Torso) -> None:
+    """Stomach (patient left, anterior) with gas anteriorly (negative y); kidneys with a medial hilar notch and a
+    medulla; spleen."""
+    u, s, paint, cavity = rng.uniform, t.scale, painter.paint, t.cavity
+    st = _superquadric(s * np.array([55, -35, 25]) + u(-6, 6, 3), s * np.array([38, 30, 45]), 2.0)
     st_level = st[1][1] + (st[2][1] - st[1][1]) * u(0.25, 0.5)
     paint(lambda x, y, z: st[0](x, y, z) < 1, st[1], st[2], "stomach")
     paint(lambda x, y, z: (st[0](x, y, z) < 0.88) & (y < st_level), st[1], st[2], "stomach", -1000.0)
-
-    # Kidneys with a medial hilar notch and a medulla; spleen.
     for side, zc in ((-1.0, -62.0), (1.0, -48.0)):
-        kc = np.array([side * 72 * scale, spine_y - 5, zc * scale]) + u(-5, 5, 3)
-        kr = scale * np.array([26, 22, 54]) * u(0.9, 1.1, 3)
+        kc = np.array([side * 72 * s, t.spine_y - 5, zc * s]) + u(-5, 5, 3)
+        kr = s * np.array([26, 22, 54]) * u(0.9, 1.1, 3)
         k = _superquadric(kc, kr, 2.2, _rot((0.2, 1.0, 0.1), side * u(10, 30)))
         notch = kc + np.array([-side * kr[0] * 0.95, 0, 0])
         g_kidney, notch_r = k[0], float(kr[0] * 0.55)
@@ -348,14 +381,20 @@ def _build_model(rng: np.random.Generator, h: float) -> _Model:
         paint(kidney, k[1], k[2], "kidney", textured=True)
         paint(medulla, k[1], k[2], "medulla")
     sp = _superquadric(
-        scale * np.array([88, 30, 12]) + u(-6, 6, 3),
-        scale * np.array([22, 52, 46]) * u(0.8, 1.15, 3),
+        s * np.array([88, 30, 12]) + u(-6, 6, 3),
+        s * np.array([22, 52, 46]) * u(0.8, 1.15, 3),
         2.0,
         _rot((0, 0, 1), u(-40, -20)),
     )
     paint(lambda x, y, z: (sp[0](x, y, z) < 1) & cavity(x, y, z), sp[1], sp[2], "spleen", textured=True)
 
-    # The liver; its smooth displacement is looked up at the nearest lattice voxel (it varies over ~15 mm).
+
+def _paint_liver(painter: _Painter, t: _Torso, liver_g, bumps: _Field, lo: np.ndarray, hi: np.ndarray):
+    """The liver; its smooth displacement is looked up at the nearest lattice voxel (it varies over ~15 mm).
+    Returns the liver's (bottom, dome) in z, from its voxels."""
+    lattice = painter.lattice
+    lat_lo, h = lattice.lo, lattice.h
+    liver_lo, liver_hi = lo - 0.2 * (hi - lo), hi + 0.2 * (hi - lo)
     bump_box = lattice.box(liver_lo, liver_hi)
     if bump_box is None:
         raise RuntimeError("liver outside the model lattice")
@@ -366,145 +405,193 @@ def _build_model(rng: np.random.Generator, h: float) -> _Model:
             np.clip(np.rint((np.ravel(v) - lat_lo[a]) / h).astype(int) - bump_box[a].start, 0, bump_lat.shape[a] - 1)
             for a, v in enumerate((x, y, z))
         ]
-        return (liver_g(x, y, z, bump_lat[np.ix_(*index)]) < 1) & cavity(x, y, z)
+        return (liver_g(x, y, z, bump_lat[np.ix_(*index)]) < 1) & t.cavity(x, y, z)
 
-    found = paint(liver_inside, liver_lo, liver_hi, "liver", textured=True)
+    found = painter.paint(liver_inside, liver_lo, liver_hi, "liver", textured=True)
     if found is None:
         raise RuntimeError("liver outside the model lattice")
     box, occ = found
-    liver_occ[box] = occ
-    after_liver[0] = True
-    rows = np.flatnonzero((liver_occ > 0.5).any(axis=(0, 1)))
+    painter.liver_occ[box] = occ
+    painter.after_liver = True
+    bottom, dome = float(lo[2]), float(hi[2])
+    rows = np.flatnonzero((painter.liver_occ > 0.5).any(axis=(0, 1)))
     if rows.size:  # the liver's real extent in z, from its voxels
         bottom, dome = float(lat_lo[2] + h * rows[0]), float(lat_lo[2] + h * rows[-1])
+    return bottom, dome
 
-    # Intrahepatic portal branches (labelled liver), gallbladder and IVC (not liver).
-    hilum = scale * np.array([-28, 5, -20]) + u(-5, 5, 3)
+
+def _paint_vessels(rng: np.random.Generator, painter: _Painter, t: _Torso, dome: float) -> None:
+    """Intrahepatic portal branches (labelled liver), gallbladder, IVC and aorta (not liver)."""
+    u, s, paint, lattice = rng.uniform, t.scale, painter.paint, painter.lattice
+    hilum = s * np.array([-28, 5, -20]) + u(-5, 5, 3)
     for _ in range(int(rng.integers(4, 8))):
         direction = np.array([u(-1, 0.3), u(-0.6, 0.6), u(-0.3, 0.7)])
         direction /= np.linalg.norm(direction)
-        length, radius = scale * u(40, 90), u(2.5, 6)
+        length, radius = s * u(40, 90), u(2.5, 6)
         end = hilum + direction * length
 
         def branch(x, y, z, a=hilum, b=end, r=radius):
             ab = b - a
-            t = np.clip(((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / float(ab @ ab), 0, 1)
-            return (x - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (z - a[2] - t * ab[2]) ** 2 <= r**2
+            f = np.clip(((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / float(ab @ ab), 0, 1)
+            return (x - a[0] - f * ab[0]) ** 2 + (y - a[1] - f * ab[1]) ** 2 + (z - a[2] - f * ab[2]) ** 2 <= r**2
 
         found = _occupancy(lattice, branch, np.minimum(hilum, end) - radius, np.maximum(hilum, end) + radius)
         if found is not None:
             bbox, bocc = found
-            _paint(model_hu, bbox, bocc * (liver_occ[bbox] > 0.5), hu["portal"])
-    gb = _superquadric(scale * np.array([-38, -38, -42]) + u(-5, 5, 3), scale * np.array([14, 14, 34]), 2.0)
+            _paint(painter.model_hu, bbox, bocc * (painter.liver_occ[bbox] > 0.5), painter.hu["portal"])
+    gb = _superquadric(s * np.array([-38, -38, -42]) + u(-5, 5, 3), s * np.array([14, 14, 34]), 2.0)
     paint(lambda x, y, z: gb[0](x, y, z) < 1, gb[1], gb[2], "gallbladder")
-    ivc_x, ivc_y = -22 * scale, spine_y - 22 * scale
+    ivc_x, ivc_y = -22 * s, t.spine_y - 22 * s
 
     def ivc(x, y, z):
-        return ((x - ivc_x) ** 2 + (y - ivc_y) ** 2 <= (scale * 11) ** 2) & (z < dome - 5)
+        return ((x - ivc_x) ** 2 + (y - ivc_y) ** 2 <= (s * 11) ** 2) & (z < dome - 5)
 
-    paint(ivc, *near(ivc_x, ivc_y, 12 * scale, 12 * scale), "ivc")
+    paint(ivc, *_near(ivc_x, ivc_y, 12 * s, 12 * s), "ivc")
     wobble = u(3, 8)
-    aorta_y = spine_y - 25 * scale
+    aorta_y = t.spine_y - 25 * s
 
     def aorta(x, y, z):
-        cx = 14 * scale + wobble * np.sin(z / 70.0)
-        return (x - cx) ** 2 + (y - aorta_y) ** 2 <= (scale * 12) ** 2
+        cx = 14 * s + wobble * np.sin(z / 70.0)
+        return (x - cx) ** 2 + (y - aorta_y) ** 2 <= (s * 12) ** 2
 
-    paint(aorta, *near(14 * scale, aorta_y, wobble + 13 * scale, 13 * scale), "aorta")
+    paint(aorta, *_near(14 * s, aorta_y, wobble + 13 * s, 13 * s), "aorta")
 
-    # Lungs above a curved diaphragm, heart between them.
+
+def _paint_chest(painter: _Painter, t: _Torso, dome: float, full_lo: np.ndarray, full_hi: np.ndarray) -> None:
+    """Lungs above a curved diaphragm, heart between them."""
+    s, cavity = t.scale, t.cavity
     dome_level = dome - 8
 
     def lungs(x, y, z):
         return cavity(x, y, z) & (z > dome_level + 0.0025 * (x**2 + (y - 20) ** 2))
 
-    paint(lungs, np.array([full_lo[0], full_lo[1], dome_level]), full_hi, "lung")
-    heart = _superquadric(
-        scale * np.array([15, -25, 0]) + [0, 0, dome + 55 * scale], scale * np.array([62, 48, 55]), 2.0
-    )
-    paint(lambda x, y, z: (heart[0](x, y, z) < 1) & cavity(x, y, z), heart[1], heart[2], "heart")
+    painter.paint(lungs, np.array([full_lo[0], full_lo[1], dome_level]), full_hi, "lung")
+    heart = _superquadric(s * np.array([15, -25, 0]) + [0, 0, dome + 55 * s], s * np.array([62, 48, 55]), 2.0)
+    painter.paint(lambda x, y, z: (heart[0](x, y, z) < 1) & cavity(x, y, z), heart[1], heart[2], "heart")
 
-    # Spine: stacked superquadric blocks with discs, posterior elements; ribs; iliac wings and bladder.
-    pitch = scale * u(27, 32)
+
+def _paint_bones(
+    rng: np.random.Generator, painter: _Painter, t: _Torso, bottom: float, z_bottom: float, full: tuple
+) -> None:
+    """Spine: stacked superquadric blocks with discs, posterior elements; ribs; iliac wings and bladder."""
+    u, s, paint = rng.uniform, t.scale, painter.paint
+    spine_x, spine_y, shift, cav_a, cav_b = t.spine_x, t.spine_y, t.shift, t.cav_a, t.cav_b
+    full_lo, full_hi = full
+    pitch = s * u(27, 32)
     phase = u(0, pitch)
 
     def vertebra(x, y, z, shrink: float = 0.0):
         w = np.mod(z - phase, pitch)
-        in_block = (w > 3.5 * scale + shrink) & (w < pitch - 3.5 * scale - shrink)
-        rx, ry = scale * 20 - shrink, scale * 16 - shrink
+        in_block = (w > 3.5 * s + shrink) & (w < pitch - 3.5 * s - shrink)
+        rx, ry = s * 20 - shrink, s * 16 - shrink
         body = (np.abs((x - spine_x) / rx) ** 3 + np.abs((y - spine_y) / ry) ** 3) <= 1
         return body & in_block
 
     def vert_body(x, y, z):
-        return (np.abs((x - spine_x) / (scale * 20)) ** 3 + np.abs((y - spine_y) / (scale * 16)) ** 3) <= 1
+        return (np.abs((x - spine_x) / (s * 20)) ** 3 + np.abs((y - spine_y) / (s * 16)) ** 3) <= 1
 
-    spine_lo, spine_hi = near(spine_x, spine_y + 15 * scale, 22 * scale, 32 * scale)
+    spine_lo, spine_hi = _near(spine_x, spine_y + 15 * s, 22 * s, 32 * s)
     paint(vert_body, spine_lo, spine_hi, "disc")
     paint(vertebra, spine_lo, spine_hi, "bone")
     paint(lambda x, y, z: vertebra(x, y, z, 2.0), spine_lo, spine_hi, "marrow", textured=True)
 
     def posterior(x, y, z):
-        arch = (np.abs(x - spine_x) < scale * 14) & (y > spine_y + 17 * scale) & (y < spine_y + 45 * scale)
-        hole = (x - spine_x) ** 2 + (y - spine_y - 27 * scale) ** 2 < (scale * 8) ** 2
+        arch = (np.abs(x - spine_x) < s * 14) & (y > spine_y + 17 * s) & (y < spine_y + 45 * s)
+        hole = (x - spine_x) ** 2 + (y - spine_y - 27 * s) ** 2 < (s * 8) ** 2
         w = np.mod(z - phase, pitch)
-        return arch & ~hole & (w > 5 * scale) & (w < pitch - 2 * scale)
+        return arch & ~hole & (w > 5 * s) & (w < pitch - 2 * s)
 
-    paint(posterior, *near(spine_x, spine_y + 31 * scale, 15 * scale, 15 * scale), "bone")
-    rib_pitch, rib_r, tilt = scale * u(24, 30), scale * u(3.5, 5.5), u(0.4, 0.8)
+    paint(posterior, *_near(spine_x, spine_y + 31 * s, 15 * s, 15 * s), "bone")
+    rib_pitch, rib_r, tilt = s * u(24, 30), s * u(3.5, 5.5), u(0.4, 0.8)
     rib_mean = 0.5 * (cav_a + cav_b)
 
     def ribs(x, y, z):
         rho = np.sqrt((x / cav_a) ** 2 + ((y - shift) / cav_b) ** 2)
         radial = (rho - 1.0) * rib_mean - rib_r - 1.5
         w = np.mod(z + tilt * y - phase, rib_pitch) - 0.5 * rib_pitch
-        band = (z > bottom - 5 * scale) & (np.arctan2(-(y - shift), np.abs(x)) > math.radians(-55))
+        band = (z > bottom - 5 * s) & (np.arctan2(-(y - shift), np.abs(x)) > math.radians(-55))
         return (radial**2 + w**2 <= rib_r**2) & band
 
-    paint(ribs, np.array([full_lo[0], full_lo[1], bottom - 5 * scale - 60]), full_hi, "bone")
-    if z_bottom < bottom - 100 * scale:
+    paint(ribs, np.array([full_lo[0], full_lo[1], bottom - 5 * s - 60]), full_hi, "bone")
+    if z_bottom < bottom - 100 * s:
         for side in (1.0, -1.0):
             il = _superquadric(
-                np.array([side * 88, 15, 0]) * scale + [0, 0, bottom - 150 * scale],
-                scale * np.array([12, 55, 50]),
+                np.array([side * 88, 15, 0]) * s + [0, 0, bottom - 150 * s],
+                s * np.array([12, 55, 50]),
                 2.4,
                 _rot((0, 0, 1), side * u(20, 35)),
             )
             paint(_level(il[0], 1.0), il[1], il[2], "bone")
             paint(_level(il[0], 0.7), il[1], il[2], "marrow")
-        bl = _superquadric(
-            scale * np.array([0, -40, 0]) + [0, 0, bottom - 230 * scale], scale * np.array([42, 32, 32]), 2.0
-        )
+        bl = _superquadric(s * np.array([0, -40, 0]) + [0, 0, bottom - 230 * s], s * np.array([42, 32, 32]), 2.0)
         paint(lambda x, y, z: bl[0](x, y, z) < 1, bl[1], bl[2], "bladder")
 
-    # The liver's z extent from the voxels, then lesions.
-    liver_z = (bottom, dome)
-    records = _add_lesions(rng, lattice, model_hu, liver_occ, lesion_occ, liver_hu)
 
-    # Beam-hardening-like streaks radiating from the vertebral body, within the body.
+def _add_streaks(rng: np.random.Generator, painter: _Painter, t: _Torso) -> int:
+    """Beam-hardening-like streaks radiating from the vertebral body, within the body; returns their number."""
+    u, lattice = rng.uniform, painter.lattice
+    lat_lo, h, shape = lattice.lo, lattice.h, lattice.shape
     n_streaks = int(rng.integers(2, 6))
     angles = u(0, 2 * math.pi, n_streaks)
     amps = u(-45, 25, n_streaks)
     xs = lat_lo[0] + h * np.arange(shape[0], dtype=np.float32)
     ys = lat_lo[1] + h * np.arange(shape[1], dtype=np.float32)
-    X, Y = np.meshgrid(xs - spine_x, ys - spine_y, indexing="ij")
+    X, Y = np.meshgrid(xs - t.spine_x, ys - t.spine_y, indexing="ij")
     streak = np.zeros(X.shape, dtype=np.float32)
     r = np.hypot(X, Y)
     for ang, amp in zip(angles, amps, strict=True):
         d = np.abs(-np.sin(ang) * X + np.cos(ang) * Y)
         along = np.cos(ang) * X + np.sin(ang) * Y
         streak += (amp * np.exp(-((d / 1.5) ** 2)) * np.exp(-r / 120.0) * (along > 0)).astype(np.float32)
-    body2d = (np.abs(xs[:, None] / A) ** p_body + np.abs(ys[None, :] / B) ** p_body) <= 1.0
-    model_hu += (streak * body2d)[:, :, None]
+    body2d = (np.abs(xs[:, None] / t.A) ** t.p_body + np.abs(ys[None, :] / t.B) ** t.p_body) <= 1.0
+    painter.model_hu += (streak * body2d)[:, :, None]
+    return n_streaks
 
+
+def _build_model(rng: np.random.Generator, h: float) -> _Model:
+    u = rng.uniform
+    scale, (A, B, p_body, fat_side, fat_front, wall), hu, texture_amp = _draw_tissues(rng)
+    # The liver first: it fixes the scan range.
+    liver_g, bumps, lo, hi = _draw_liver(rng, scale)
+    dome, bottom = float(hi[2]), float(lo[2])  # bounds; refined from the voxels below
+
+    # Scan range in z (patient frame) and the model lattice over the body.
+    z_top = dome + u(15, 60)
+    z_bottom = bottom - u(40, 250)
+    lat_lo = np.array([-A - 5, -B - 5, z_bottom - 15])
+    lat_hi = np.array([A + 5, B + 5, z_top + 15])
+    shape = tuple(int(v) for v in np.ceil((lat_hi - lat_lo) / h).astype(int) + 1)
+    lattice = _Lattice(lat_lo, h, shape)  # type: ignore[arg-type]
+    painter = _Painter(lattice, hu, texture_amp)
+    painter.draw_texture(rng)
+
+    inner_a, inner_b = A - fat_side, B - 0.5 * (fat_side + fat_front)
+    shift = 0.5 * (fat_front - fat_side)
+    cav_a, cav_b = inner_a - wall, inner_b - wall
+    t = _Torso(scale, A, B, p_body, shift, cav_a, cav_b, 0.0, shift + cav_b - scale * 32)
+    _paint_walls(painter, t, lat_lo, lat_hi, (inner_a, inner_b))
+    _paint_bowel(rng, painter, t, bottom)
+    _paint_stomach_kidneys_spleen(rng, painter, t)
+    bottom, dome = _paint_liver(painter, t, liver_g, bumps, lo, hi)
+    _paint_vessels(rng, painter, t, dome)
+    _paint_chest(painter, t, dome, lat_lo, lat_hi)
+    _paint_bones(rng, painter, t, bottom, z_bottom, (lat_lo, lat_hi))
+
+    # The liver's z extent from the voxels, then lesions.
+    liver_z = (bottom, dome)
+    records = _add_lesions(rng, lattice, painter.model_hu, painter.liver_occ, painter.lesion_occ, hu["liver"])
+    n_streaks = _add_streaks(rng, painter, t)
     info: dict[str, object] = {
         "family": "torso",
         "patient_scale": round(float(scale), 3),
-        "liver_hu": round(float(liver_hu), 1),
+        "liver_hu": round(float(hu["liver"]), 1),
         "hu": {k: round(float(v), 1) for k, v in hu.items()},
         "tumours": records,
         "streaks": n_streaks,
     }
-    return _Model(lattice, model_hu, liver_occ, lesion_occ, (A, B), (spine_x, spine_y), liver_z, info)
+    return _Model(
+        lattice, painter.model_hu, painter.liver_occ, painter.lesion_occ, (A, B), (t.spine_x, t.spine_y), liver_z, info
+    )
 
 
 def _add_lesions(
@@ -608,30 +695,10 @@ def _check(seed: int, size: str) -> None:
         raise UserError(f"size must be 'demo' or 'full', got {size!r}")
 
 
-def torso_ct_phantom(seed: int, *, size: str = "demo") -> Phantom:
-    """Make one torso CT of the held-out family (see the module notes); labels 0 background, 1 liver, 2 tumour.
-
-    Args:
-        seed: Non-negative integer; the same seed and size give byte-identical arrays.
-        size: ``"demo"`` (at most 192 x 192 x 96 voxels) or ``"full"`` (512 x 512 slices).
-
-    Returns:
-        int16 HU image, uint8 label and the voxel -> RAS+ affine (as :class:`volseg.data.synth.Phantom`).
-
-    Raises:
-        UserError: A negative seed or an unknown size.
-    """
-    _check(seed, size)
-    rng = np.random.default_rng([int(seed), 11])
-    grid_rng = np.random.default_rng([int(seed), 12])
-    noise_rng = np.random.default_rng([int(seed), 13])
-    # The model lattice: 1.5 mm (full) or 2.5 mm (demo), coarser when the demo matrix is capped lower.
-    h = 1.5 if size == "full" else max(2.5, 0.75 * 480.0 / _DEMO_MATRIX)
-    model = _build_model(rng, h)
+def _scan_grid(grid_rng: np.random.Generator, model: _Model, size: str) -> dict[str, Any]:
+    """The scan grid: square in-plane FOV over the body, z over the lattice's scan range, LPS or RAS, oblique."""
     lat = model.lattice
     u = grid_rng.uniform
-
-    # The scan grid: square in-plane FOV over the body, z over the lattice's scan range, LPS or RAS, oblique.
     A, B = model.body_axes
     fov = float(np.clip(2 * max(A, B) + u(20, 70), 280, 480))
     z0, z1 = float(lat.lo[2] + 15), float(lat.lo[2] + lat.h * (lat.shape[2] - 1) - 15)
@@ -666,12 +733,22 @@ def torso_ct_phantom(seed: int, *, size: str = "demo") -> Phantom:
     to_patient = yaw.T @ np.hstack([to_scanner[:3, :3], (to_scanner[:3, 3] - patient_offset)[:, None]])
     slice_normal = to_patient[:, 2] / float(np.linalg.norm(to_patient[:, 2]))
 
-    # Resample slab by slab (whole slices): slice profile = mean of 3 samples across the thickness.
+    return {"affine": affine, "to_patient": to_patient, "slice_normal": slice_normal, "dims": dims,
+            "codes": codes, "fov": fov, "z0": z0, "z1": z1, "inplane": inplane, "thick": thick}  # fmt: skip
+
+
+def _resample(
+    model: _Model, grid: dict[str, Any], noise_sd0: float, noise_rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample slab by slab (whole slices): slice profile = mean of 3 samples across the thickness."""
+    lat = model.lattice
+    A, B = model.body_axes
+    to_patient, slice_normal, dims = grid["to_patient"], grid["slice_normal"], grid["dims"]
+    thick, inplane = grid["thick"], grid["inplane"]
     nx, ny, nz = (int(v) for v in dims)
     image = np.empty((nx, ny, nz), dtype=np.int16)
     label = np.zeros((nx, ny, nz), dtype=np.uint8)
     ii, jj = np.meshgrid(np.arange(nx, dtype=np.float32), np.arange(ny, dtype=np.float32), indexing="ij")
-    noise_sd0 = u(6, 35)
     per_slab = max(1, 4_000_000 // (nx * ny))
     for k0 in range(0, nz, per_slab):
         k1 = min(nz, k0 + per_slab)
@@ -706,6 +783,35 @@ def torso_ct_phantom(seed: int, *, size: str = "demo") -> Phantom:
         np.clip(img, -1024, 3071, out=img)
         image[:, :, k0:k1] = img.astype(np.int16)
         label[:, :, k0:k1] = lab
+
+    return image, label
+
+
+def torso_ct_phantom(seed: int, *, size: str = "demo") -> Phantom:
+    """Make one torso CT of the held-out family (see the module notes); labels 0 background, 1 liver, 2 tumour.
+
+    Args:
+        seed: Non-negative integer; the same seed and size give byte-identical arrays.
+        size: ``"demo"`` (at most 192 x 192 x 96 voxels) or ``"full"`` (512 x 512 slices).
+
+    Returns:
+        int16 HU image, uint8 label and the voxel -> RAS+ affine (as :class:`volseg.data.synth.Phantom`).
+
+    Raises:
+        UserError: A negative seed or an unknown size.
+    """
+    _check(seed, size)
+    rng = np.random.default_rng([int(seed), 11])
+    grid_rng = np.random.default_rng([int(seed), 12])
+    noise_rng = np.random.default_rng([int(seed), 13])
+    # The model lattice: 1.5 mm (full) or 2.5 mm (demo), coarser when the demo matrix is capped lower.
+    h = 1.5 if size == "full" else max(2.5, 0.75 * 480.0 / _DEMO_MATRIX)
+    model = _build_model(rng, h)
+    grid = _scan_grid(grid_rng, model, size)
+    noise_sd0 = grid_rng.uniform(6, 35)
+    image, label = _resample(model, grid, noise_sd0, noise_rng)
+    affine, codes, fov, z0, z1 = grid["affine"], grid["codes"], grid["fov"], grid["z0"], grid["z1"]
+    nx, ny, nz = (int(v) for v in grid["dims"])
 
     info = dict(model.info)
     info.update(
