@@ -420,6 +420,19 @@ def export_dataset(
     export_nnunet(data, out, name=name, recipe=recipe, source=recipe.data.source if recipe else "auto", echo=_echo)
 
 
+@app.command("select")
+def select_(
+    runs: Annotated[list[Path], typer.Argument(help="fold runs (trained with --folds K) to compare")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Choose mirroring and postprocessing by cross-validation (nnU-Net's find_best_configuration); ensembles of
+    two runs are compared too. The choice is written into the best run's bundle."""
+    _quiet_libraries()
+    from volseg.select import run_select
+
+    run_select(runs, device=device, echo=_echo)
+
+
 @app.command("rewrite-bundle")
 def rewrite_bundle(
     bundle: Annotated[Path, typer.Argument(help="bundle folder (a volseg run)")],
