@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from volseg.data.synth import liver_ct_phantom
+from volseg.data.writers import default_color
 from volseg.qc import CAPTION, HEADER, MARGIN, PANEL_SIZE, montage_panels, plot_training_curves, write_montage
 
 RED = (255, 0, 0)
@@ -85,7 +86,7 @@ def test_phantom_stored_lps_and_ras_gives_the_same_axial_panel(tmp_path: Path) -
     grey_a, grey_b = pa["axial"][..., 0].astype(float), pb["axial"][..., 0].astype(float)
     assert np.corrcoef(grey_a[~outline_a], grey_b[~outline_b])[0, 1] > 0.95
     # The liver (label 1, first default colour) lies on the patient's right: the picture's left half.
-    liver = np.all(pa["axial"] == (255, 64, 64), axis=-1)
+    liver = np.all(pa["axial"] == default_color(0), axis=-1)
     assert liver.any() and np.nonzero(liver)[1].mean() < 0.5 * liver.shape[1]
     # Same for the picture written from the same image stored both ways.
     flipped = ras.image[::-1, ::-1, :].copy()
@@ -106,7 +107,7 @@ def test_montage_file_size_and_content(tmp_path: Path) -> None:
         assert im.size == (3 * (PANEL_SIZE + MARGIN) + MARGIN, HEADER + PANEL_SIZE + CAPTION + MARGIN)
         rgb = np.asarray(im.convert("RGB"))
     assert rgb.std() > 20  # an image, not a blank
-    assert np.all(rgb == (255, 64, 64), axis=-1).sum() > 100  # segmentation outlines in the label colour
+    assert np.all(rgb == default_color(0), axis=-1).sum() > 100  # segmentation outlines in the label colour
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -353,26 +353,22 @@ def evaluate(
 
 
 def _evaluate_qc(pairs: list[tuple[Path, Path]], out: Path, images: Path | None) -> None:
-    import nibabel as nib
     import numpy as np
 
-    from volseg.evaluate import case_name
+    from volseg.evaluate import case_image, case_name
+    from volseg.imageio import read_image, read_labels
     from volseg.qc import write_montage
 
     for pred_path, gt_path in pairs:
         case = case_name(gt_path)
-        p_img: Any = nib.load(str(pred_path))
-        g_img: Any = nib.load(str(gt_path))
-        pred_arr, gt_arr = np.asarray(p_img.dataobj), np.asarray(g_img.dataobj)
+        pred_arr, _ = read_labels(pred_path)
+        gt_arr, gt_affine = read_labels(gt_path)
         background = gt_arr.astype(np.float32)
-        if images is not None:
-            cand = [images / f"{case}.nii.gz", images / f"{case}.nii", images / f"{case}_0000.nii.gz"]
-            found = next((c for c in cand if c.is_file()), None)
-            if found is not None:
-                background = np.asarray(nib.load(str(found)).dataobj, dtype=np.float32)  # type: ignore[attr-defined]
-        path = write_montage(
-            background, g_img.affine, pred_arr, out / f"{case}_qc.png", ground_truth=gt_arr, title=case
-        )
+        found = case_image(images, case) if images is not None else None
+        if found is not None:
+            image = read_image(found).array
+            background = image[..., 0] if image.ndim == 4 else image
+        path = write_montage(background, gt_affine, pred_arr, out / f"{case}_qc.png", ground_truth=gt_arr, title=case)
         _echo(f"qc: {path}")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from volseg.errors import UserError
 from volseg.fileio import atomic_path
+from volseg.imageio import read_labels
 from volseg.metrics import evaluate_case
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -48,14 +49,36 @@ def _strip_nifti(name: str) -> str | None:
 
 
 def case_name(path: str | Path, prediction: bool = False) -> str:
-    """The case name of a NIfTI file: its name without ``.nii.gz``/``.nii``, and for a prediction without ``_seg``."""
-    name = Path(path).name
-    stem = _strip_nifti(name)
-    if stem is None:
+    """The case name of a NIfTI file (:func:`volseg.data.datalist.case_id`: its name without ``.nii.gz``/``.nii``
+    and nnU-Net's ``_0000``), and for a prediction without ``_seg`` (:func:`prediction_base`)."""
+    from volseg.data.datalist import case_id
+
+    if _strip_nifti(Path(path).name) is None:
         raise UserError("not a NIfTI file (.nii or .nii.gz)", path)
+    stem = case_id(path)
     if prediction and stem.endswith(PREDICTION_SUFFIX) and len(stem) > len(PREDICTION_SUFFIX):
         stem = stem[: -len(PREDICTION_SUFFIX)]
     return stem
+
+
+def prediction_base(source: str | Path, out_dir: str | Path) -> Path:
+    """Where ``volseg infer`` writes a case's outputs: ``OUT/<case>_seg`` (each format adds its suffix)."""
+    from volseg.data.datalist import case_id
+
+    return Path(out_dir) / f"{case_id(source)}{PREDICTION_SUFFIX}"
+
+
+def case_image(folder: str | Path, case: str) -> Path | None:
+    """The image of a case in a folder (any image format volseg reads, nnU-Net's ``_0000`` included), or None."""
+    from volseg.data.datalist import IMAGE_SUFFIXES, case_id
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES) and case_id(f) == case
+    )
+    return found[0] if found else None
 
 
 def _cases(path: Path, prediction: bool) -> dict[str, Path]:
@@ -116,26 +139,6 @@ def pair_files(pred_dir_or_file: str | Path, gt_dir_or_file: str | Path) -> list
     return [(preds[name], gts[name]) for name in sorted(preds)]
 
 
-def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The integer label array and the 4x4 affine of a NIfTI file."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        if not isinstance(img, nib.spatialimages.SpatialImage):
-            raise TypeError(f"nibabel read it as {type(img).__name__}")
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many kinds on damaged or foreign files
-        raise UserError(f"cannot read as NIfTI: {exc}", path) from exc
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise UserError("holds non-integer values; expected a label map", path)
-        data = data.astype(np.int64)
-    elif data.dtype.kind not in "iub":
-        raise UserError(f"has data type {data.dtype}; expected an integer label map", path)
-    return data, np.asarray(img.affine, dtype=np.float64)
-
-
 _BLOCK = 1 << 24  # voxels per block when collecting label values: bounds the temporaries
 
 
@@ -166,7 +169,7 @@ def found_labels(pairs: list[tuple[Path, Path]]) -> dict[str, int]:
     values: set[int] = set()
     for pair in pairs:
         for path in pair:
-            data, _ = _load_labels(Path(path))
+            data, _ = read_labels(Path(path))
             found = _values(data) - {0}
             if len(found) > MAX_FOUND_LABELS:
                 raise UserError(
@@ -195,8 +198,8 @@ def _spatial(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    pred, pred_affine = _load_labels(pred_path)
-    ref, ref_affine = _load_labels(gt_path)
+    pred, pred_affine = read_labels(pred_path)
+    ref, ref_affine = read_labels(gt_path)
     if pred.shape != ref.shape:
         raise UserError(f"shape {pred.shape} differs from the ground truth's {ref.shape} ({gt_path})", pred_path)
     diff = float(np.max(np.abs(pred_affine - ref_affine)))

@@ -181,7 +181,7 @@ def _sample_nonzero(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.nd
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     # The data check's reader: header first, every format volseg reads, one-line errors.
-    from volseg.data.checks import _open
+    from volseg.imageio import open_image as _open
 
     vol = _open(path)
     array = vol.voxels()

@@ -36,16 +36,17 @@ MARGIN = 8
 HEADER = 22
 CAPTION = 18
 
-DEFAULT_COLORS: dict[int, tuple[int, int, int]] = {
-    1: (255, 64, 64),
-    2: (64, 200, 255),
-    3: (255, 210, 0),
-    4: (90, 230, 90),
-    5: (200, 110, 255),
-    6: (255, 140, 40),
-    7: (0, 230, 200),
-    8: (255, 110, 200),
-}
+#: Line colours of the training curves (not label colours: those are :func:`volseg.data.writers.segment_colors`).
+CURVE_COLORS = [
+    (255, 64, 64),
+    (64, 200, 255),
+    (255, 210, 0),
+    (90, 230, 90),
+    (200, 110, 255),
+    (255, 140, 40),
+    (0, 230, 200),
+    (255, 110, 200),
+]
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -56,7 +57,10 @@ def _color(value: int, colors: Mapping[int, Sequence[int]] | None) -> tuple[int,
     if colors and value in colors:
         c = colors[value]
         return (int(c[0]), int(c[1]), int(c[2]))
-    return DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS) + 1]
+    from volseg.data.writers import default_color
+
+    # A label without a colour takes the one .seg.nrrd and DICOM SEG give segment value - 1 of 1..N.
+    return default_color(value - 1)
 
 
 def _window(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
@@ -256,7 +260,8 @@ def write_montage(
         labels: integer label map of the image's shape, or None.
         path: the PNG to write (written under a temporary name, then renamed).
         ground_truth: reference label map, drawn dashed.
-        colors: label value -> RGB; values without a colour take a default palette.
+        colors: label value -> RGB (:func:`volseg.data.writers.segment_colors`); a value without one takes
+            :func:`volseg.data.writers.default_color` of ``value - 1``, as the other outputs do for labels 1..N.
         window: (low, high) intensities mapped to black and white (default: the 0.5 and 99.5 percentiles).
         title: text at the top left.
         panel_size: side of each panel's square, in pixels.
@@ -398,7 +403,7 @@ def plot_training_curves(history: Mapping[str, Any], path: str | Path, *, title:
     draw = ImageDraw.Draw(canvas)
     font = _font()
     draw.text((8, 7), title or "training curves", fill=(0, 0, 0), font=font)
-    palette = [DEFAULT_COLORS[i] for i in sorted(DEFAULT_COLORS)]
+    palette = CURVE_COLORS
     dice_series = [
         (str(name), val_epochs[: len(vals)], [float(v) for v in vals], palette[i % len(palette)])
         for i, (name, vals) in enumerate(dice.items())

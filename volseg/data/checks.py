@@ -21,8 +21,6 @@ Image files are hashed only when another image has the same size, so duplicates 
 from __future__ import annotations
 
 import hashlib
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,8 +30,8 @@ from typing import Any, Literal
 import numpy as np
 
 from volseg.data.datalist import load_datalist
-from volseg.data.validate import check_image_file, one_line, sitk_header, sitk_reason
 from volseg.errors import UserError
+from volseg.imageio import READ_ERRORS, ImageFile, open_image, read_reason
 from volseg.recipe import Recipe, load_recipe
 
 __all__ = ["AFFINE_TOLERANCE_MM", "CheckReport", "Finding", "check_data", "run_check_data"]
@@ -127,116 +125,14 @@ def _plural(n: int, word: str) -> str:
 # Reading: header first, voxels once
 
 
-@dataclass
-class _Volume:
-    """An opened image file: its shape and affine from the header, its voxels on demand."""
-
-    path: Path
-    shape: tuple[int, ...]
-    affine: np.ndarray  # 4x4 voxel -> world (RAS mm)
-    _load: Callable[[], np.ndarray]
-    scaling: tuple[float, float] | None = None  # (slope, intercept) applied to the stored values
-
-    def voxels(self) -> np.ndarray:
-        """The stored values (unscaled, in their file type)."""
-        return self._load()
-
-
-_READ_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    EOFError,
-    zlib.error,
-    ValueError,
-    KeyError,
-    IndexError,
-    TypeError,
-    struct.error,
-    RuntimeError,
-    MemoryError,
-)
-
-
-def _open(path: Path) -> _Volume:
-    """Open one image (header only where the format allows it); a problem is a one-line UserError."""
-    if path.is_dir():
-        return _open_dicom(path)
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return _open_nifti(path)
-    return _open_sitk(path)
-
-
-def _open_nifti(path: Path) -> _Volume:
-    import nibabel as nib
-
-    check_image_file(path, verify_data=False)
-    img: Any = nib.load(str(path))
-    proxy = img.dataobj
-    slope, inter = float(proxy.slope), float(proxy.inter)
-    scaling = None if (slope, inter) == (1.0, 0.0) else (slope, inter)
-
-    def load() -> np.ndarray:
-        try:
-            return np.asarray(proxy.get_unscaled())
-        except _READ_ERRORS as exc:
-            raise UserError(f"cannot read the voxel data ({_reason(exc)})", path) from None
-
-    return _Volume(path, tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64), load, scaling)
-
-
-def _open_sitk(path: Path) -> _Volume:
-    import SimpleITK as sitk
-
-    reader = sitk_header(path)
-    size = tuple(int(s) for s in reader.GetSize())
-    ncomp = int(reader.GetNumberOfComponents())
-    shape = size + ((ncomp,) if ncomp > 1 else ())
-    nd = len(size)
-    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(nd, nd)
-    spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(reader.GetOrigin(), dtype=np.float64)
-    affine = np.eye(4)
-    k = min(nd, 3)
-    affine[:k, :k] = (direction * spacing)[:k, :k]
-    affine[:k, 3] = origin[:k]
-    affine[:2] *= -1.0  # ITK's LPS to RAS
-
-    def load() -> np.ndarray:
-        try:
-            image = reader.Execute()
-        except RuntimeError as exc:
-            raise UserError(f"cannot read the voxel data ({sitk_reason(exc)})", path) from None
-        array = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
-        axes = tuple(range(nd))[::-1] + ((nd,) if array.ndim > nd else ())
-        return np.transpose(array, axes)
-
-    return _Volume(path, shape, affine, load)
-
-
-def _open_dicom(path: Path) -> _Volume:
-    from volseg.data.dicom import read_series
-
-    vol = read_series(path)
-    array = vol.array
-    return _Volume(path, tuple(array.shape), np.asarray(vol.affine, dtype=np.float64), lambda: array)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, EOFError):
-        return f"file is truncated: {one_line(exc)}"
-    if isinstance(exc, zlib.error):
-        return f"damaged gzip data: {one_line(exc)}"
-    return one_line(exc)
-
-
 def _read(report: CheckReport, path: Path, step: Callable[[], Any]) -> Any:
     """Run a reading step; a failure becomes one error finding for ``path`` and None."""
     try:
         return step()
     except UserError as exc:
         report.add("error", exc.path or path, exc.message)
-    except _READ_ERRORS as exc:
-        report.add("error", path, f"unreadable ({_reason(exc)})")
+    except READ_ERRORS as exc:
+        report.add("error", path, f"unreadable ({read_reason(exc)})")
     return None
 
 
@@ -270,8 +166,8 @@ def check_data(recipe: Recipe, data_root: str | Path) -> CheckReport:
     for case in cases:
         image_path, label_path = Path(case["image"]), Path(case["label"])
         by_size.setdefault(_size_of(image_path), []).append(image_path)
-        image = _read(report, image_path, partial(_open, image_path))
-        label = _read(report, label_path, partial(_open, label_path))
+        image = _read(report, image_path, partial(open_image, image_path))
+        label = _read(report, label_path, partial(open_image, label_path))
         if image is not None:
             _check_image_dims(report, image, recipe)
             _check_spacing(report, image, recipe.model.spatial_dims)
@@ -325,7 +221,7 @@ def _dims_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def _check_image_dims(report: CheckReport, image: _Volume, recipe: Recipe) -> None:
+def _check_image_dims(report: CheckReport, image: ImageFile, recipe: Recipe) -> None:
     """An image is ``nd``-D with one channel, or ``nd+1``-D with ``model.in_channels`` channels last."""
     nd, channels = recipe.model.spatial_dims, recipe.model.in_channels
     shape = image.shape
@@ -352,7 +248,7 @@ def _label_spatial(shape: tuple[int, ...], nd: int) -> bool:
     return len(shape) == nd or (len(shape) == nd + 1 and shape[-1] == 1)
 
 
-def _check_label_dims(report: CheckReport, label: _Volume, nd: int) -> None:
+def _check_label_dims(report: CheckReport, label: ImageFile, nd: int) -> None:
     if not _label_spatial(label.shape, nd):
         report.add(
             "error",
@@ -362,7 +258,7 @@ def _check_label_dims(report: CheckReport, label: _Volume, nd: int) -> None:
         )
 
 
-def _check_pair(report: CheckReport, image: _Volume, label: _Volume, nd: int) -> None:
+def _check_pair(report: CheckReport, image: ImageFile, label: ImageFile, nd: int) -> None:
     img_sp, lab_sp = image.shape[:nd], label.shape[:nd]
     if img_sp != lab_sp:
         report.add(
@@ -396,7 +292,7 @@ def _check_pair(report: CheckReport, image: _Volume, label: _Volume, nd: int) ->
     )
 
 
-def _check_spacing(report: CheckReport, image: _Volume, nd: int) -> None:
+def _check_spacing(report: CheckReport, image: ImageFile, nd: int) -> None:
     k = min(nd, 3, len(image.shape))
     vox = np.linalg.norm(image.affine[:3, :k], axis=0)
     if vox.size == 0 or not np.all(np.isfinite(vox)) or float(vox.min()) <= 0:
@@ -461,7 +357,7 @@ def _label_values(stored: np.ndarray, scaling: tuple[float, float] | None, n_cla
 
 def _check_label_values(
     report: CheckReport,
-    label: _Volume,
+    label: ImageFile,
     stored: np.ndarray,
     n_classes: int,
     names: list[str],

@@ -58,13 +58,15 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from volseg.errors import UserError
+from volseg.errors import UserError, one_line
+from volseg.imageio import LPS_TO_RAS
 
 __all__ = [
     "DicomVolume",
     "SeriesInfo",
     "choose_series",
     "list_series",
+    "read_dataset",
     "read_series",
     "series_from_datasets",
 ]
@@ -84,7 +86,6 @@ MAX_LOCALIZER_IMAGES = 15
 VOLUME_MODALITIES = ("CT", "MR")
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ON_IRREGULAR = ("resample", "error")
 
 # Packages that give pydicom a decoder for each compressed transfer syntax (any one of them will do).
@@ -172,12 +173,14 @@ class DicomVolume:
         affine: 4x4 voxel-to-world matrix in RAS+ millimetres (nibabel convention).
         series: the series that was read.
         warnings: one line per thing the user should know (resampling, tilt, ignored duplicates).
+        skipped: the folder's other series (not read), for the caller to report.
     """
 
     array: np.ndarray
     affine: np.ndarray
     series: SeriesInfo
     warnings: list[str] = field(default_factory=list)
+    skipped: list[SeriesInfo] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def series_from_datasets(datasets: Iterable[tuple[Dataset, str | Path]]) -> list
         try:
             header = _header(ds, Path(name))
         except _VALUE_ERRORS as exc:
-            raise UserError(f"malformed DICOM element ({_first_line(exc)})", name) from None
+            raise UserError(f"malformed DICOM element ({one_line(exc)})", name) from None
         if header is not None:
             groups.setdefault(header.series_uid, []).append(header)
     return _series_infos(groups)
@@ -283,20 +286,21 @@ def _scan(folder: str | Path) -> dict[str, list[_Header]]:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if path.name.upper() == "DICOMDIR":
             continue
-        ds = _read_dataset(path, pixels=False)
+        ds = read_dataset(path, pixels=False)
         if ds is None:
             continue
         try:
             header = _header(ds, path)
         except _VALUE_ERRORS as exc:
-            raise UserError(f"malformed DICOM element ({_first_line(exc)})", path) from None
+            raise UserError(f"malformed DICOM element ({one_line(exc)})", path) from None
         if header is not None:
             groups.setdefault(header.series_uid, []).append(header)
     return groups
 
 
-def _read_dataset(path: Path, *, pixels: bool) -> Dataset | None:
-    """Parse one file, or None when it is not DICOM. A file with the DICM marker that fails is an error."""
+def read_dataset(path: Path, *, pixels: bool) -> Dataset | None:
+    """Parse one file, or None when it is not DICOM. A file with the DICM marker that fails is an error (a
+    one-line UserError naming it)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -313,7 +317,7 @@ def _read_dataset(path: Path, *, pixels: bool) -> Dataset | None:
     except _PARSE_ERRORS as exc:
         if force:
             return None
-        raise UserError(f"damaged DICOM file, cannot be parsed ({_first_line(exc)})", path) from None
+        raise UserError(f"damaged DICOM file, cannot be parsed ({one_line(exc)})", path) from None
     if force and "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
         return None
     return ds
@@ -449,7 +453,9 @@ def read_series(folder: str | Path, series_uid: str | None = None, *, on_irregul
             onto a regular orthogonal grid with a warning, or ``"error"`` to refuse such series.
 
     Returns:
-        The volume; see the module notes for axis order, values and affine.
+        The volume; see the module notes for axis order, values and affine. The folder is scanned once (headers
+        only), the series chosen from that scan, and only its files are read again with their pixels; the series
+        not chosen are in ``DicomVolume.skipped``.
 
     Raises:
         UserError: no DICOM in the folder, unknown UID, inconsistent or missing geometry, irregular spacing
@@ -462,7 +468,7 @@ def read_series(folder: str | Path, series_uid: str | None = None, *, on_irregul
     if not groups:
         raise UserError("no DICOM image files found in this folder", root)
     try:
-        chosen, _ = choose_series(_series_infos(groups), series_uid)
+        chosen, skipped = choose_series(_series_infos(groups), series_uid)
     except UserError as exc:
         raise UserError(exc.message, exc.path or root) from None
 
@@ -478,13 +484,13 @@ def read_series(folder: str | Path, series_uid: str | None = None, *, on_irregul
         try:
             frames.extend(_read_frames(header.path))
         except _VALUE_ERRORS as exc:
-            raise UserError(f"malformed DICOM element ({_first_line(exc)})", header.path) from None
+            raise UserError(f"malformed DICOM element ({one_line(exc)})", header.path) from None
     array, affine = _assemble(frames, chosen.uid, root, on_irregular, warnings)
-    return DicomVolume(array=array, affine=affine, series=chosen, warnings=warnings)
+    return DicomVolume(array=array, affine=affine, series=chosen, warnings=warnings, skipped=skipped)
 
 
 def _read_frames(path: Path) -> list[_Frame]:
-    ds = _read_dataset(path, pixels=True)
+    ds = read_dataset(path, pixels=True)
     if ds is None:  # it was readable a moment ago
         raise UserError("file is no longer readable as DICOM", path)
     samples = _int(ds.get("SamplesPerPixel"), 1)
@@ -581,8 +587,7 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         AttributeError,
         IndexError,
     ) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot decode pixel data ({label}): {message}", path) from None
+        raise UserError(f"cannot decode pixel data ({label}): {one_line(exc, 10**6)}", path) from None
 
 
 def _modality_transform(ds: Dataset, stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -671,7 +676,7 @@ def _assemble(
     lps[:3, 1] = col_cos * row_step
     lps[:3, 2] = normal * step
     lps[:3, 3] = origin
-    return np.ascontiguousarray(volume, dtype=np.float32), _LPS_TO_RAS @ lps
+    return np.ascontiguousarray(volume, dtype=np.float32), LPS_TO_RAS @ lps
 
 
 def _correct_tilt(
@@ -782,11 +787,6 @@ def _check_rescale(slope: float, intercept: float, path: Path, where: str = "") 
     if not (math.isfinite(slope) and math.isfinite(intercept)):
         context = f" ({where})" if where else ""
         raise UserError(f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} is not finite{context}", path)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _as_list(value: object) -> list[object]:

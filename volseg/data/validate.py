@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from volseg.errors import UserError
+from volseg.errors import UserError, one_line
 
-__all__ = ["MAX_VOXELS", "SUPPORTED_DTYPES", "check_image_file", "one_line", "replace_non_finite", "sitk_reason"]
+__all__ = ["MAX_VOXELS", "SUPPORTED_DTYPES", "check_image_file", "replace_non_finite", "sitk_reason"]
 
 #: More voxels than this in one file is taken as a garbled header rather than an image.
 MAX_VOXELS = 10**9
@@ -62,15 +62,6 @@ _N1_SINGLE = b"n+1\x00"
 _N1_PAIR = b"ni1\x00"
 _N2_MAGIC = (b"n+2\x00\r\n\x1a\n", b"ni2\x00\r\n\x1a\n")
 _CHUNK = 1 << 20
-
-
-def one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its class name when it has none."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line:
-            return line if len(line) <= 200 else line[:197] + "..."
-    return type(exc).__name__
 
 
 def check_image_file(path: str | Path, *, verify_data: bool = True) -> None:
@@ -317,29 +308,9 @@ def _check_gzip_stream(path: Path, needed: int) -> None:
 
 def _check_with_nibabel(path: Path) -> None:
     """Open the file as MONAI will (nibabel, header only): whatever still fails is reported in one line."""
-    import nibabel as nib
+    from volseg.imageio import nifti_header
 
-    try:
-        with nib.imageglobals.LoggingOutputSuppressor():
-            img: Any = nib.load(str(path))
-            # What MONAI's NibabelReader asks of the header (it compares qform, sform and zooms).
-            _ = img.shape, img.affine, img.dataobj.slope, img.dataobj.inter, img.header.get_zooms()
-            _ = img.get_qform(), img.get_sform()
-    except (
-        OSError,
-        EOFError,
-        zlib.error,
-        ValueError,
-        KeyError,
-        IndexError,
-        TypeError,
-        struct.error,
-        ArithmeticError,
-        MemoryError,
-        nib.filebasedimages.ImageFileError,
-        nib.spatialimages.HeaderDataError,
-    ) as exc:
-        raise UserError(f"nibabel cannot open it ({one_line(exc)})", path) from None
+    nifti_header(path)
 
 
 def _shape_text(header: Any) -> str:
@@ -355,20 +326,9 @@ def _fmt(values: Any, sep: str = " ") -> str:
 # NRRD, MHA/MHD, PNG, TIFF
 
 
-def sitk_header(path: Path) -> Any:
-    """A SimpleITK reader with the file's header read (no voxels); an unreadable header is a UserError."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise UserError(f"cannot read the image header ({sitk_reason(exc)})", path) from None
-    return reader
-
-
 def _check_sitk(path: Path) -> None:
+    from volseg.imageio import sitk_header
+
     reader = sitk_header(path)
     size = reader.GetSize()
     if not size or min(size) < 1:

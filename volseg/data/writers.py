@@ -26,13 +26,17 @@ Formats
 ``dicom-seg`` (``.dcm``)
     A BINARY DICOM Segmentation written by highdicom that references the source series; only frames holding a
     segment are stored. Needs the source series' files (``dicom_series_files``).
+``png`` (``.png``)
+    A 2D label map as an 8-bit PNG (arrays are ``(x, y)``, MONAI's layout: transposed to rows and columns).
+
+:data:`WRITERS` is the registry: format name -> suffix, spatial dimensions and the function that writes it.
 """
 
 from __future__ import annotations
 
 import colorsys
 import gzip
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +46,7 @@ import numpy as np
 from volseg import __version__
 from volseg.errors import UserError
 from volseg.fileio import atomic_path
+from volseg.imageio import LPS_TO_RAS, gzip_bytes
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -51,16 +56,61 @@ __all__ = [
     "SUFFIXES",
     "SegmentInfo",
     "default_color",
+    "segment_colors",
     "segments_from_recipe",
     "slicer_terminology",
     "write_probabilities",
     "write_segmentation",
 ]
 
-#: Output formats :func:`write_segmentation` knows, in the order they are documented.
-FORMATS = ("nifti", "nrrd", "seg.nrrd", "dicom-seg")
+
+@dataclass(frozen=True)
+class Writer:
+    """One output format: the suffix it adds to ``out_base``, the label maps it takes (2D or 3D) and its writer
+    ``write(labels, affine, path, context)``; ``context`` holds segments, reference_nifti, dicom_series_files and
+    algorithm."""
+
+    suffix: str
+    spatial_dims: int
+    write: Callable[[np.ndarray, np.ndarray, Path, dict[str, Any]], None]
+
+
+def _nifti_writer(labels: np.ndarray, affine: np.ndarray, path: Path, ctx: dict[str, Any]) -> None:
+    _write_nifti(labels, affine, path, ctx.get("reference_nifti"))
+
+
+def _nrrd_writer(labels: np.ndarray, affine: np.ndarray, path: Path, ctx: dict[str, Any]) -> None:
+    _write_nrrd(path, labels, affine, {})
+
+
+def _seg_nrrd_writer(labels: np.ndarray, affine: np.ndarray, path: Path, ctx: dict[str, Any]) -> None:
+    _write_nrrd(path, labels, affine, _slicer_fields(labels, affine, ctx["segments"]))
+
+
+def _dicom_seg_writer(labels: np.ndarray, affine: np.ndarray, path: Path, ctx: dict[str, Any]) -> None:
+    files = [Path(p) for p in ctx["dicom_series_files"]]
+    _write_dicom_seg(labels, affine, path, ctx["segments"], files, ctx.get("algorithm"))
+
+
+def _png_writer(labels: np.ndarray, affine: np.ndarray, path: Path, ctx: dict[str, Any]) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(labels.T.astype(np.uint8))).save(tmp, format="PNG")
+
+
+#: The output formats, in the order they are documented.
+WRITERS: dict[str, Writer] = {
+    "nifti": Writer(".nii.gz", 3, _nifti_writer),
+    "nrrd": Writer(".nrrd", 3, _nrrd_writer),
+    "seg.nrrd": Writer(".seg.nrrd", 3, _seg_nrrd_writer),
+    "dicom-seg": Writer(".dcm", 3, _dicom_seg_writer),
+    "png": Writer(".png", 2, _png_writer),
+}
+#: The formats of 3D label maps (``volseg infer --format``).
+FORMATS = tuple(name for name, w in WRITERS.items() if w.spatial_dims == 3)
 #: File name suffix each format adds to ``out_base``.
-SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
+SUFFIXES = {name: w.suffix for name, w in WRITERS.items()}
 
 #: (CodingSchemeDesignator, CodeValue, CodeMeaning) used when a segment has no category or type code.
 TISSUE = ("SCT", "85756007", "Tissue")
@@ -68,7 +118,6 @@ TISSUE = ("SCT", "85756007", "Tissue")
 SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse
 _GZIP_LEVEL = 6
 _CHUNK = 1 << 24  # bytes per write into the gzip stream
 _PROBABILITY_SCALE = 65535  # probabilities are stored as uint16 with scl_slope 1/65535
@@ -131,6 +180,15 @@ def segments_from_recipe(recipe: Any) -> list[SegmentInfo]:
     return segments
 
 
+def segment_colors(segments: Sequence[SegmentInfo]) -> dict[int, tuple[int, int, int]]:
+    """Label value -> display colour for every segment: its own, else :func:`default_color` of its position. The
+    one rule for every output (``.seg.nrrd``, DICOM SEG, QC pictures)."""
+    return {
+        int(s.value): tuple(int(c) for c in s.color) if s.color is not None else default_color(n)  # type: ignore[misc]
+        for n, s in enumerate(segments)
+    }
+
+
 def default_color(index: int) -> tuple[int, int, int]:
     """A display colour for the ``index``-th segment (0-based) that has none: hues spread by the golden ratio."""
     hue = (0.08 + 0.618033988749895 * index) % 1.0
@@ -179,9 +237,12 @@ def write_segmentation(
     """
     wanted = _check_formats(formats)
     out_base = Path(out_base)
-    labels = _check_labels(labels)
-    affine = _check_affine(affine)
-    segments = _check_segments(segments, labels)
+    if wanted == ["png"]:  # a 2D picture: no geometry, no segment descriptions
+        labels = _check_labels(labels, 2)
+    else:
+        labels = _check_labels(labels)
+        affine = _check_affine(affine)
+        segments = _check_segments(segments, labels)
     if "dicom-seg" in wanted:
         if not dicom_series_files:
             raise UserError(
@@ -190,18 +251,16 @@ def write_segmentation(
             )
         _require_highdicom()
     out_base.parent.mkdir(parents=True, exist_ok=True)
+    context = {
+        "segments": segments,
+        "reference_nifti": reference_nifti,
+        "dicom_series_files": dicom_series_files,
+        "algorithm": algorithm,
+    }
     written = []
     for fmt in wanted:
         path = out_base.with_name(out_base.name + SUFFIXES[fmt])
-        if fmt == "nifti":
-            _write_nifti(labels, affine, path, reference_nifti)
-        elif fmt == "nrrd":
-            _write_nrrd(path, labels, affine, {})
-        elif fmt == "seg.nrrd":
-            _write_nrrd(path, labels, affine, _slicer_fields(labels, affine, segments))
-        else:
-            assert dicom_series_files is not None  # checked above
-            _write_dicom_seg(labels, affine, path, segments, [Path(p) for p in dicom_series_files], algorithm)
+        WRITERS[fmt].write(labels, affine, path, context)
         written.append(path)
     return written
 
@@ -258,19 +317,22 @@ def _check_formats(formats: Sequence[str]) -> list[str]:
     wanted: list[str] = []
     for fmt in formats:
         name = str(fmt).strip().lower()
-        if name not in FORMATS:
+        if name not in WRITERS:
             raise UserError(f"unknown output format {fmt!r}; valid formats: {', '.join(FORMATS)}")
         if name not in wanted:
             wanted.append(name)
     if not wanted:
         raise UserError(f"no output format given; valid formats: {', '.join(FORMATS)}")
+    if "png" in wanted and len(wanted) > 1:
+        raise UserError("png is the format of 2D label maps; it cannot go with the 3D formats")
     return wanted
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
+def _check_labels(labels: np.ndarray, ndim: int = 3) -> np.ndarray:
     labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be a 3D (i, j, k) array, got shape {labels.shape}")
+    if labels.ndim != ndim:
+        axes = "(i, j, k)" if ndim == 3 else "(x, y)"
+        raise ValueError(f"labels must be a {ndim}D {axes} array, got shape {labels.shape}")
     if labels.dtype == np.uint8:
         return labels
     if labels.dtype != np.bool_ and not np.issubdtype(labels.dtype, np.integer):
@@ -365,21 +427,6 @@ def _write_nifti(labels: np.ndarray, affine: np.ndarray, path: Path, reference: 
             nib.save(img, tmp)
 
 
-def gzip_bytes(data: bytes, level: int = 1) -> bytes:
-    """gzip through ISA-L when ``isal`` is installed (several times faster than zlib), else the standard library.
-
-    Level 1 is nibabel's own default for .nii.gz.
-    """
-    try:
-        from isal import igzip
-
-        return igzip.compress(data, compresslevel=level)
-    except ImportError:
-        import gzip
-
-        return gzip.compress(data, compresslevel=level)
-
-
 def _load_reference(path: Path) -> Any:
     import nibabel as nib
 
@@ -410,7 +457,7 @@ def _escape(value: str) -> str:
 
 
 def _write_nrrd(path: Path, labels: np.ndarray, affine: np.ndarray, fields: dict[str, str]) -> None:
-    lps = _LPS @ affine
+    lps = LPS_TO_RAS @ affine
     lines = [
         "NRRD0004",
         "# Complete NRRD file format specification at:",
@@ -475,10 +522,8 @@ def slicer_terminology(segment: SegmentInfo) -> str | None:
 
 def _segment_colors(segments: Sequence[SegmentInfo]) -> list[tuple[tuple[int, int, int], bool]]:
     """(RGB, auto_generated) per segment."""
-    return [
-        (tuple(int(c) for c in s.color), False) if s.color is not None else (default_color(n), True)  # type: ignore[misc]
-        for n, s in enumerate(segments)
-    ]
+    colors = segment_colors(segments)
+    return [(colors[s.value], s.color is None) for s in segments]
 
 
 def _slicer_fields(labels: np.ndarray, affine: np.ndarray, segments: Sequence[SegmentInfo]) -> dict[str, str]:
@@ -613,7 +658,7 @@ def _write_dicom_seg(
         )
 
     # Geometry of the labels' grid in LPS: i runs along the row cosine, j along the column cosine.
-    lps = _LPS @ affine
+    lps = LPS_TO_RAS @ affine
     col_step, row_step = float(np.linalg.norm(lps[:3, 0])), float(np.linalg.norm(lps[:3, 1]))
     row_cos, col_cos = lps[:3, 0] / col_step, lps[:3, 1] / row_step
     slice_step = float(np.linalg.norm(lps[:3, 2]))
