@@ -38,9 +38,10 @@ def make_fp(
     labels: dict[str, Any] | None = None,
     channel_names: list[str] | None = None,
     modality: str | None = None,
+    foreground_mm: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """A fingerprint as :func:`volseg.plan.fingerprint` writes it; ``kept`` is the volume fraction that cropping to
-    the nonzero region keeps."""
+    the nonzero region keeps; ``foreground_mm`` the labelled box of every case (default: the whole image)."""
     nd = len(shapes[0])
     cases = [
         {
@@ -48,6 +49,7 @@ def make_fp(
             "spacing": list(sp),
             "shape": list(sh),
             "cropped_shape": [max(1, round(s * kept ** (1 / nd))) for s in sh],
+            "foreground_mm": list(foreground_mm or [a * b for a, b in zip(sp, sh, strict=True)]),
         }
         for i, (sp, sh) in enumerate(zip(spacings, shapes, strict=True))
     ]
@@ -185,23 +187,62 @@ def test_multichannel_mr() -> None:
     assert "a_min" not in plan(fp, device="cpu").recipe["data"]["intensity"]
 
 
-def test_small_objects_and_large_images_are_flagged() -> None:
-    labels = {
+def _liver_and_lesions(n: int = 8) -> dict[str, Any]:
+    return {
         "0": {"name": "background", "voxel_fraction": 0.95},
-        "1": _label("liver", 0.05, 150.0, 8),
-        "2": _label("lesion", 0.0005, 4.0, 8, objects=5),
+        "1": _label("liver", 0.05, 150.0, n),
+        "2": _label("lesion", 0.0005, 4.0, n, objects=5),
     }
-    fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=labels)
-    result = plan(fp)
+
+
+def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
+    # 358 x 358 x 400 mm images, the liver's box 200 x 180 x 200 mm: with 20 mm margins the crop is 26% of the image.
+    fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=_liver_and_lesions(),
+                 foreground_mm=(200.0, 180.0, 200.0))  # fmt: skip
+    result = plan(fp, time_budget_s=3600.0)
     cascade = result.decisions["cascade"]
     assert "lesion" in cascade["small_labels"] and "liver" not in cascade["small_labels"]
-    assert cascade["coverage"] < P.CASCADE_COVERAGE and cascade["stages"] == 2
-    assert all(lo > t for lo, t in zip(cascade["low_res_spacing"], result.recipe["data"]["spacing"], strict=True))
-    assert cascade["applied"] is False
+    assert cascade["stages"] == 2 and cascade["applied"] is True
+    assert 0.2 < cascade["roi_fraction"] < 0.3
+    r = result.recipe
+    target = cascade["fine_spacing"]
+    assert r["cascade"]["spacing"] == target
+    # The coarse stage: the finest axis doubled at least, and every axis at least as coarse as the target.
+    coarse = r["data"]["spacing"]
+    assert min(coarse) >= 2 * min(target) - 1e-6 and all(c >= t for c, t in zip(coarse, target, strict=True))
+    # The fine stage's patch is no larger than its crops at the target spacing (plus rounding to the strides).
+    crop_vox = [(f + 2 * P.CASCADE_MARGIN_MM) / t for f, t in zip((200.0, 180.0, 200.0), target, strict=True)]
+    assert all(p <= c + 32 for p, c in zip(r["cascade"]["patch_size"], crop_vox, strict=True))
+    assert r["cascade"]["sampler"] == "class_balanced" and r["train"]["sampler"] == "pos_neg"
+    assert any("Cascade" in h and "coarse stage" in h for h in result.header)
+    assert "cascade.spacing" in result.reasons and "cascade.patch_size" in result.reasons
+    # The plan is a recipe, and its fine stage one too.
+    from volseg.cascade import fine_recipe
+    from volseg.recipe import recipe_from_dict
+
+    fine = fine_recipe(recipe_from_dict(r))
+    assert list(fine.data.spacing) == target and fine.train.sampler == "class_balanced"
+    assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
+
+
+def test_small_objects_filling_the_image_keep_one_stage() -> None:
+    # The labelled box is the whole image: a crop saves nothing, the small objects are flagged, one stage.
+    fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=_liver_and_lesions())
+    result = plan(fp)
+    cascade = result.decisions["cascade"]
+    assert cascade["stages"] == 1 and cascade["applied"] is False and "lesion" in cascade["small_labels"]
+    assert "cascade" not in result.recipe
+    assert "would not save" in cascade["reason"]
     assert result.recipe["train"]["sampler"] == "class_balanced"
-    assert any("Cascade" in h and "lesion" in h for h in result.header)
     # A single object per case gets largest-component filtering; a label with several objects does not.
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
+
+
+def test_two_dimensional_data_never_cascade() -> None:
+    labels = {"0": {"name": "background", "voxel_fraction": 0.9}, "1": _label("cell", 0.1, 3.0, 6, objects=40)}
+    fp = make_fp([(1.0, 1.0)] * 6, [(2048, 2048)] * 6, labels=labels, foreground_mm=(100.0, 100.0))
+    result = plan(fp)
+    assert result.decisions["cascade"]["applied"] is False and "cascade" not in result.recipe
 
 
 def test_time_budget_sets_the_epochs() -> None:

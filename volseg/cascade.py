@@ -54,8 +54,9 @@ def fine_recipe(recipe: Recipe) -> Recipe:
     t.update(patch_size=list(c.patch_size), sampler=c.sampler)
     if c.max_epochs is not None:
         t["max_epochs"] = c.max_epochs
-    if c.iterations_per_epoch is not None:
-        t["iterations_per_epoch"] = c.iterations_per_epoch
+    for key in ("iterations_per_epoch", "batch_size", "val_interval"):
+        if getattr(c, key) is not None:
+            t[key] = getattr(c, key)
     raw["infer"]["roi_size"] = None
     return recipe_from_dict(raw, f"{recipe.name}: cascade")
 
@@ -128,16 +129,72 @@ def refine(
     segment_fine: Callable[[np.ndarray, np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, str | None]:
     """Run the fine stage on the box around the coarse labels' region (``image``, ``coarse`` and the result on the
-    input grid, spatial axes last for ``image``). Returns (labels, a note when the coarse stage found no region)."""
+    input grid; ``image`` may have channels after the spatial axes). Returns (labels, a note when the coarse stage
+    found no region)."""
     c = recipe.cascade
     assert c is not None
     roi = roi_values(recipe)
     box = region_box(np.isin(coarse, roi), affine, c.margin_mm)
     if box is None:
         return coarse, "the coarse stage found none of the fine stage's region; its labels are the answer"
-    spatial = (slice(None),) * (image.ndim - coarse.ndim) + tuple(box)
+    spatial = tuple(box) + (slice(None),) * (image.ndim - coarse.ndim)
     fine = segment_fine(np.ascontiguousarray(image[spatial]), box_affine(affine, box))
     return merge(coarse, fine, box, roi), None
+
+
+class CascadeEngine:
+    """The two stages as one engine (:mod:`volseg.engines`): the coarse engine on the whole image, the fine engine
+    on the crop around its region. Labels only: the stages' probabilities live on different grids."""
+
+    name = "cascade"
+
+    def __init__(self, recipe: Recipe, coarse: Any, fine: Any) -> None:
+        self.recipe = recipe
+        self.coarse = coarse
+        self.fine = fine
+        self.device = getattr(coarse, "device", None)
+        self.network = getattr(coarse, "network", None)
+        self.engine_notes: list[str] = []
+
+    @staticmethod
+    def supports(recipe: Any) -> str | None:
+        return None if getattr(recipe, "cascade", None) is not None else "the recipe has no cascade"
+
+    def segment(self, image: Any, probabilities: bool = False) -> Any:
+        from volseg.engines import Segmentation
+        from volseg.imageio import Image
+
+        if probabilities:
+            raise UserError("a cascade bundle gives labels, not probabilities (its stages have different grids)",
+                            image.path)  # fmt: skip
+        first = self.coarse.segment(image)
+        notes = list(first.notes)
+
+        def segment_fine(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+            crop = Image(array, affine, meta=dict(image.meta), notes=[])
+            out = self.fine.segment(crop)
+            notes.extend(n for n in out.notes if n not in notes)
+            return out.labels
+
+        labels, note = refine(self.recipe, first.labels, image.array, image.affine, segment_fine)
+        if note:
+            notes.append(f"note: {note}")
+        return Segmentation(labels=labels, notes=notes, affine=first.affine)
+
+
+def check_fine_stage(recipe: Recipe, bundle_dir: Path) -> Path:
+    """The fine stage's bundle of a cascade bundle: present, and its recipe exactly :func:`fine_recipe` of the
+    parent's (its configs are then compared with volseg's as any bundle's)."""
+    from volseg.bundle import read_bundle_recipe
+
+    fine_dir = Path(bundle_dir) / FINE_DIR
+    if not (fine_dir / "configs").is_dir():
+        raise UserError(f"the recipe has a cascade but {FINE_DIR}/ holds no bundle", bundle_dir)
+    got = read_bundle_recipe(fine_dir).model_dump(mode="json")
+    if got != fine_recipe(recipe).model_dump(mode="json"):
+        raise UserError(f"{FINE_DIR}/configs/volseg_recipe.yaml is not the fine stage of the bundle's recipe",
+                        bundle_dir)  # fmt: skip
+    return fine_dir
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ says so (in the recipe's header and in the fingerprint's ``plan.cascade``) and t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from volseg.data.channels import first_file
 from volseg.errors import UserError
 
 __all__ = [
@@ -70,6 +72,12 @@ MAX_DEPTH = 5
 NONZERO_MASK_SHRINK = 0.75
 #: A patch covering less than this fraction of the median image calls for a coarse stage (nnU-Net: 1/4).
 CASCADE_COVERAGE = 0.25
+#: A cascade's crop: the labelled region plus this margin on every side (the coarse stage's error is a few voxels).
+CASCADE_MARGIN_MM = 20.0
+#: A cascade is planned only when its crops are at most this fraction of the median image.
+CASCADE_MAX_ROI_FRACTION = 0.5
+#: The coarse stage's share of a time budget (it only has to find the region).
+CASCADE_COARSE_SHARE = 0.35
 #: An object narrower than this many voxels at the target spacing counts as small.
 SMALL_OBJECT_VOXELS = 6.0
 #: Bytes kept for the backward pass per feature-map element (float32, about 12 tensors per element for MONAI's
@@ -90,6 +98,8 @@ FIXED_SECONDS = 60.0
 LOADING_OVERHEAD = 1.25
 #: On a CPU with a time budget the patch shrinks (re-measured) until the budget gives this many iterations.
 MIN_ITERATIONS = 500
+#: A cascade's fine stage with small objects: its patch is fitted to leave this many iterations in its budget.
+FINE_MIN_ITERATIONS = 2000
 
 Reason = str
 Fingerprint = dict[str, Any]
@@ -147,6 +157,17 @@ def _nonzero_shape(image: np.ndarray, nd: int) -> list[int]:
     return out
 
 
+def _foreground_mm(label: np.ndarray, spacing: np.ndarray, ras: list[int]) -> list[float]:
+    """Extent in mm (RAS axis order) of the box around every labelled voxel; zeros when there is none."""
+    fg = label > 0
+    extent = []
+    for a in ras:
+        others = tuple(x for x in range(label.ndim) if x != a)
+        hit = np.flatnonzero(fg.any(axis=others))
+        extent.append(round(float((hit[-1] - hit[0] + 1) * spacing[a]), 2) if hit.size else 0.0)
+    return extent
+
+
 def _objects(label: np.ndarray, value: int, spacing: Sequence[float]) -> list[float]:
     """Equivalent diameters (mm) of the connected objects of one label value."""
     from scipy import ndimage
@@ -191,6 +212,17 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, vol.affine
 
 
+def _read_case_image(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A case's image and affine; an image stored one file per channel (a list) is stacked channels last."""
+    if not isinstance(image, list):
+        return _read(Path(image))
+    parts = [_read(Path(p)) for p in image]
+    for (array, _), p in zip(parts[1:], image[1:], strict=True):
+        if array.shape != parts[0][0].shape:
+            raise UserError(f"channel shape {array.shape} differs from the first channel's {parts[0][0].shape}", p)
+    return np.stack([array for array, _ in parts], axis=-1), parts[0][1]
+
+
 def fingerprint(
     cases: Sequence[dict[str, str]],
     *,
@@ -211,7 +243,8 @@ def fingerprint(
 
     Returns:
         A JSON-ready dict: ``spatial_dims``, ``n_channels``, ``modality`` and ``channel_names`` (None when not
-        given), ``cases`` (per case, in RAS axis order for 3D: ``spacing``, ``shape``, ``cropped_shape``),
+        given), ``cases`` (per case, in RAS axis order for 3D: ``spacing``, ``shape``, ``cropped_shape``,
+        ``foreground_mm``: the extent of the labelled voxels),
         ``channels`` (foreground ``mean``, ``std``, ``p00_5``, ``p99_5``, and ``image_p00_5`` over the whole
         image), ``labels`` (per value: ``name``, ``voxel_fraction``, ``cases_present``, ``objects_per_case_max``,
         ``object_diameter_mm`` median, p10 and min).
@@ -226,7 +259,7 @@ def fingerprint(
     n_channels = 1
     total_voxels = 0
     for i, case in enumerate(cases):
-        image, affine = _read(Path(case["image"]))
+        image, affine = _read_case_image(case["image"])
         label, _ = _read(Path(case["label"]))
         label = np.squeeze(label) if label.ndim > 2 else label
         nd = label.ndim
@@ -238,10 +271,12 @@ def fingerprint(
         elif nd != nd_seen:
             raise UserError(f"the labels mix {nd_seen}D and {nd}D", case["label"])
         if tuple(image.shape[:nd]) != tuple(label.shape):
-            raise UserError(f"image shape {image.shape} does not match label shape {label.shape}", case["image"])
+            raise UserError(
+                f"image shape {image.shape} does not match label shape {label.shape}", first_file(case["image"])
+            )
         chans = image.reshape(image.shape[:nd] + (-1,)) if image.ndim > nd else image[..., None]
         if chans.shape[-1] != n_channels:
-            raise UserError(f"{chans.shape[-1]} channel(s), the first case has {n_channels}", case["image"])
+            raise UserError(f"{chans.shape[-1]} channel(s), the first case has {n_channels}", first_file(case["image"]))
         spacing = np.sqrt((affine[:nd, :nd] ** 2).sum(axis=0)) if nd == 3 else np.sqrt((affine[:2, :2] ** 2).sum(0))
         order = _ras_order(affine, nd)
         ras = [0] * nd
@@ -250,10 +285,11 @@ def fingerprint(
         cropped = _nonzero_shape(chans, nd)
         per_case.append(
             {
-                "case": Path(case["image"]).name,
+                "case": first_file(case["image"]).name,
                 "spacing": [round(float(spacing[a]), 6) for a in ras],
                 "shape": [int(label.shape[a]) for a in ras],
                 "cropped_shape": [int(cropped[a]) for a in ras],
+                "foreground_mm": _foreground_mm(label, spacing, ras),
             }
         )
         pick_fg = _sample_nonzero(label.ravel() > 0, max_voxels, rng)
@@ -284,7 +320,7 @@ def fingerprint(
             stats["per_case"].append(len(diam))
         del image, label, chans, values
         if echo is not None:
-            echo(f"fingerprint: case {i + 1}/{len(cases)} {Path(case['image']).name}")
+            echo(f"fingerprint: case {i + 1}/{len(cases)} {first_file(case['image']).name}")
     if not per_case:
         raise UserError("no cases to fingerprint")
     channel_names = meta.get("channels")
@@ -842,32 +878,55 @@ def determine_postprocess(fp: Fingerprint) -> tuple[list[str], Reason]:
     return [], "no label is a single object in every case: no component filtering"
 
 
+def _roi_fingerprint(fp: Fingerprint, margin_mm: float) -> Fingerprint:
+    """The fingerprint of the crops a cascade's fine stage sees: each case's labelled box plus the margin on every
+    side (clipped to the image), as its shape; cases without labels keep their whole image."""
+    cases = []
+    for c in fp["cases"]:
+        sp, shape = np.asarray(c["spacing"], dtype=np.float64), np.asarray(c["shape"], dtype=np.float64)
+        fg = np.asarray(c.get("foreground_mm") or [0.0] * len(shape), dtype=np.float64)
+        roi = shape if not fg.any() else np.minimum(np.ceil((fg + 2.0 * margin_mm) / sp), shape)
+        cases.append({**c, "shape": [int(v) for v in roi], "cropped_shape": [int(v) for v in roi]})
+    return {**fp, "cases": cases}
+
+
 def determine_cascade(
     fp: Fingerprint, spacing: Sequence[float] | None, patch: Sequence[int], cropped: bool
 ) -> tuple[dict[str, Any], Reason]:
-    """nnU-Net plans a low-resolution stage and a cascade when the patch covers less than 1/4 of the median image;
-    small objects at the target spacing are flagged too (the coarse stage alone would miss them). The recipe schema
-    has one stage, so the decision is recorded, not applied."""
+    """Two stages when nnU-Net would plan a cascade (the patch covers less than 1/4 of the median image) or a label's
+    objects are small at the target spacing, and the labelled region is a small part of the image (a crop around it
+    saves at least half the voxels): a coarse stage finds the region over the whole image, and a fine stage at the
+    target spacing segments the crop around it (:mod:`volseg.cascade`). The coarse spacing doubles the finest axis
+    (or more, until the patch covers a quarter of the image); axes already coarser keep theirs."""
     median = _median_shape_at(fp, spacing, cropped)
     coverage = float(np.prod(np.minimum(np.asarray(patch, dtype=np.float64), median)) / np.prod(median))
     small = _small_labels(fp, spacing)
     decision: dict[str, Any] = {"stages": 1, "coverage": round(coverage, 4), "small_labels": small, "applied": False}
     parts = [f"the patch covers {coverage:.0%} of the median image"]
-    if coverage < CASCADE_COVERAGE and spacing is not None:
-        # The coarse stage: spacing scaled until the patch covers a quarter of the median image.
-        factor = (CASCADE_COVERAGE / coverage) ** (1.0 / len(patch))
-        decision["stages"] = 2
-        decision["low_res_spacing"] = [round(float(s) * factor, 4) for s in spacing]
-        parts.append(
-            f"< {CASCADE_COVERAGE:.0%}: nnU-Net would add a coarse stage at {_fmt(decision['low_res_spacing'])} mm "
-            "and a cascade; not applied (the recipe has one stage), this recipe is the full-resolution stage"
-        )
     if small:
-        parts.append(
-            "small objects at the target spacing ("
-            + ", ".join(f"{n}: {v:g} voxels across" for n, v in small.items())
-            + "): keep this full-resolution stage (finer spacing would help more than a coarse stage)"
+        parts.append("small objects at the target spacing (" + ", ".join(f"{n}: {v:g} voxels across"
+                                                                          for n, v in small.items()) + ")")  # fmt: skip
+    if fp["spatial_dims"] != 3 or spacing is None or (coverage >= CASCADE_COVERAGE and not small):
+        return decision, "; ".join(parts) + ": one stage"
+    roi = _roi_fingerprint(fp, CASCADE_MARGIN_MM)
+    fraction = float(np.median([np.prod(r["shape"]) / max(1, np.prod(c["shape"]))
+                                for r, c in zip(roi["cases"], fp["cases"], strict=True)]))  # fmt: skip
+    decision["roi_fraction"] = round(fraction, 4)
+    if fraction > CASCADE_MAX_ROI_FRACTION:
+        return decision, "; ".join(parts) + (
+            f"; but the labelled region plus {CASCADE_MARGIN_MM:g} mm is {fraction:.0%} of the median image, so a "
+            "crop would not save enough: one stage"
         )
+    factor = max(2.0, (CASCADE_COVERAGE / coverage) ** (1.0 / len(patch)) if coverage < CASCADE_COVERAGE else 2.0)
+    finest = float(min(spacing))
+    coarse = [round(max(float(s), finest * factor), 4) for s in spacing]
+    decision.update(stages=2, applied=True, coarse_spacing=coarse, fine_spacing=list(spacing),
+                    margin_mm=CASCADE_MARGIN_MM)  # fmt: skip
+    parts.append(
+        f"the labelled region plus {CASCADE_MARGIN_MM:g} mm is {fraction:.0%} of the median image: a coarse stage at "
+        f"{_fmt(coarse)} mm finds it, a fine stage at the target spacing segments the crop around it "
+        f"({CASCADE_COARSE_SHARE:.0%} / {1 - CASCADE_COARSE_SHARE:.0%} of the time budget)"
+    )
     return decision, "; ".join(parts)
 
 
@@ -919,9 +978,9 @@ def measure_step_seconds(
 # The plan
 
 
-def _budget_step(budget_s: float) -> float:
-    """The longest measured step that still gives :data:`MIN_ITERATIONS` iterations in the budget."""
-    return max(1e-3, (budget_s * (1 - VALIDATION_SHARE) - FIXED_SECONDS) / (MIN_ITERATIONS * LOADING_OVERHEAD))
+def _budget_step(budget_s: float, iterations: int = MIN_ITERATIONS) -> float:
+    """The longest measured step that still gives ``iterations`` iterations in the budget."""
+    return max(1e-3, (budget_s * (1 - VALIDATION_SHARE) - FIXED_SECONDS) / (iterations * LOADING_OVERHEAD))
 
 
 def _shrink_to(patch: list[int], spacing: Floats, volume: float, div: int) -> list[int]:
@@ -939,13 +998,14 @@ def _fit_cpu_budget(
     nd: int,
     budget_s: float,
     measure: Callable[[list[int], list[list[int]], list[list[int]]], float],
+    iterations: int = MIN_ITERATIONS,
 ) -> tuple[list[int], list[list[int]], list[list[int]], float, Reason]:
     """On a CPU with a time budget: the largest patch (up to the memory model's) whose measured step leaves
     :data:`MIN_ITERATIONS` iterations. The step is measured on a reference patch of at most 64^3 voxels (128^2 in
     2D), extrapolated by volume, and measured again on the chosen patch (once more if that
     still misses by half)."""
     sp = np.asarray(spacing if spacing is not None else [1.0] * nd, dtype=np.float64)
-    allowed = _budget_step(budget_s)
+    allowed = _budget_step(budget_s, iterations)
     start = list(patch)
     _, strides, _ = _fit_depth(list(patch), sp)
     ref, ref_strides, ref_kernels = _fit_depth(_shrink_to(patch, sp, 64.0**3 if nd == 3 else 128.0**2, 8), sp)
@@ -963,7 +1023,7 @@ def _fit_cpu_budget(
             step = measure(patch, strides, kernels)
     if patch != start:
         why += (
-            f"; the budget allows about {allowed:.3g} s per step ({MIN_ITERATIONS} iterations), so the patch shrank "
+            f"; the budget allows about {allowed:.3g} s per step ({iterations} iterations), so the patch shrank "
             f"from {_fmt(start)} to {_fmt(patch)}, largest axis in mm first ({step:.3g} s per step)"
         )
     else:
@@ -987,36 +1047,104 @@ def _recipe_name(text: str) -> str:
     return name or "dataset"
 
 
-def plan_recipe(
-    fp: Fingerprint,
-    *,
-    name: str | None = None,
-    device: str = "cpu",
-    memory_gb: float | None = None,
-    time_budget_s: float | None = None,
-    step_timer: StepTimer | None = None,
-    data_root: str | None = None,
-) -> Plan:
-    """Every decision from the fingerprint, as a recipe.
+SPLIT_VAL = 0.2
+"""The validation fraction a plan holds out (one case in five)."""
 
-    Args:
-        fp: a fingerprint (:func:`fingerprint`).
-        name: recipe name (default: the data set's).
-        device: ``cpu`` or ``cuda``: which memory model, widths and step time.
-        memory_gb: memory target (GPU memory on cuda, RAM on cpu); default the GPU's, or half the free RAM.
-        time_budget_s: training time to plan for; None plans nnU-Net's schedule.
-        step_timer: ``(model, patch, batch) -> seconds`` of one training step; default
-            :func:`measure_step_seconds` on ``device``.
-        data_root: written as ``data.root``.
-    """
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"device '{device}' is not cpu or cuda", "--device")
+
+@dataclass
+class _Stage:
+    """One network stage of a plan: its spacing, patch, network, batch and schedule, and why."""
+
+    spacing: list[float] | None
+    patch: list[int]
+    strides: list[list[int]]
+    kernels: list[list[int]]
+    batch: int
+    model: dict[str, Any]
+    step: float
+    sched: dict[str, int]
+    sampling: dict[str, Any]
+    aug: dict[str, Any]
+    why: dict[str, str]
+
+
+def _model_for(
+    fp: Fingerprint, strides: list[list[int]], kernels: list[list[int]], device: str
+) -> tuple[dict[str, Any], str, str]:
+    """MONAI's residual U-Net for a topology: (model section, why the widths, why the kernels)."""
     nd = fp["spatial_dims"]
-    reasons: dict[str, str] = {}
-    decisions: dict[str, Any] = {}
-    header: list[str] = []
+    w, why_width = determine_widths(nd, len(strides), device)
+    kernel, why_kernel = _kernel_for_unet(kernels)
+    all_two = all(all(s == 2 for s in st) for st in strides)
+    args: dict[str, Any] = {
+        "channels": w,
+        "strides": [2 for _ in strides] if all_two else strides,
+        "num_res_units": 2,
+        "norm": "instance",
+    }
+    if kernel != 3:
+        args["kernel_size"] = kernel
+    return {"name": "unet", "spatial_dims": nd, "in_channels": fp["n_channels"], "args": args}, why_width, why_kernel
 
-    # Labels: consecutive values 0..K-1 (a label_map when the files' values have gaps, e.g. 0/255 masks).
+
+def _plan_stage(
+    fp: Fingerprint,
+    spacing: list[float] | None,
+    *,
+    crop: bool,
+    device: str,
+    budget: float,
+    n_classes: int,
+    time_budget_s: float | None,
+    timer: StepTimer,
+    iterations: int = MIN_ITERATIONS,
+) -> _Stage:
+    """Patch (memory model, then the CPU time budget), network, batch, measured step, schedule, sampling and
+    augmentation for one stage at ``spacing``."""
+    nd = fp["spatial_dims"]
+    patch, strides, kernels, why_patch = determine_patch_size(
+        fp, spacing, device=device, budget_bytes=budget, n_classes=n_classes, cropped=crop, amp=True
+    )
+    widths, _ = determine_widths(nd, len(strides), device)
+    batch, why_batch = determine_batch_size(
+        fp, patch, strides, widths, device=device, budget_bytes=budget, n_classes=n_classes, spacing=spacing, amp=True
+    )
+    model, why_w, why_k = _model_for(fp, strides, kernels, device)
+    if device == "cpu" and time_budget_s is not None:
+        patch, strides, kernels, step, why_fit = _fit_cpu_budget(
+            patch,
+            spacing,
+            nd,
+            time_budget_s,
+            lambda p, st, k: timer(_model_for(fp, st, k, device)[0], tuple(p), batch),
+            iterations,
+        )
+        model, why_w, why_k = _model_for(fp, strides, kernels, device)
+        why_patch += why_fit
+    else:
+        step = timer(model, tuple(patch), batch)
+    _, _, why_topo = determine_topology(patch, spacing if spacing is not None else [1.0] * nd)
+    sched, why_sched = determine_schedule(
+        fp, step_seconds=step, budget_seconds=time_budget_s, patch=patch, spacing=spacing, val_fraction=SPLIT_VAL
+    )
+    sampling, why_samp = determine_sampling(fp, spacing)
+    aug, why_aug = determine_augmentation(fp, spacing, patch)
+    why = {
+        "patch": why_patch,
+        "batch": why_batch,
+        "widths": why_w,
+        "kernels": why_k,
+        "topology": why_topo,
+        "schedule": why_sched,
+        "sampling": why_samp,
+        "augment": why_aug,
+        "step": f"measured {step:.3g} s per step of {batch} patch(es) {_fmt(patch)} on {device}",
+    }
+    return _Stage(spacing, patch, strides, kernels, batch, model, step, sched, sampling, aug, why)
+
+
+def _plan_labels(fp: Fingerprint) -> tuple[dict[str, Any], dict[int, int], list[int], Reason]:
+    """Consecutive label values 0..K-1 (a label_map when the files' values have gaps, e.g. 0/255 masks)."""
     values = sorted(int(v) for v in fp["labels"])
     if 0 not in values:
         values = [0, *values]
@@ -1028,15 +1156,138 @@ def plan_recipe(
         labels[key] = {"value": new}
         if new != old:
             label_map[old] = new
-    n_classes = len(labels)
-    if n_classes < 2:
+    if len(labels) < 2:
         raise UserError("the labels hold only background: nothing to segment", fp.get("root"))
-    reasons["data.labels"] = "the label values found in the data set" + (
-        ", named by dataset.json"
-        if any(lab["name"] != f"label_{v}" for v, lab in fp["labels"].items() if v != "0")
-        else ""
-    )
+    named = any(lab["name"] != f"label_{v}" for v, lab in fp["labels"].items() if v != "0")
+    return labels, label_map, values, "the label values found in the data set" + (", named by dataset.json" * named)
 
+
+def _train_section(stage: _Stage, device: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A stage's ``train`` section and the reasons of its keys."""
+    total_iters = stage.sched["max_epochs"] * stage.sched["iterations_per_epoch"]
+    if total_iters >= 10_000:
+        optimizer = {"name": "sgd", "lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5}
+        why_opt = f"{total_iters} iterations: nnU-Net's SGD (lr 0.01, momentum 0.99, weight decay 3e-5)"
+    else:
+        optimizer = {"name": "adamw", "lr": 0.003, "weight_decay": 3e-5}
+        why_opt = f"{total_iters} iterations (< 10000): AdamW at 3e-3 converges faster in a short run than SGD"
+    spv = 2 if stage.batch % 2 == 0 else 1
+    train: dict[str, Any] = {
+        "patch_size": stage.patch,
+        "batch_size": stage.batch // spv,
+        "samples_per_volume": spv,
+        **stage.sampling,
+        **stage.sched,
+        "optimizer": optimizer,
+        "scheduler": {"name": "poly", "power": 0.9},
+        "loss": {"name": "dice_ce"},
+        "amp": True,
+        "num_workers": 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1)),
+        "augment": stage.aug,
+    }
+    why = {
+        "train.patch_size": stage.why["patch"],
+        "train.batch_size": stage.why["batch"]
+        + f"; {stage.batch} patches = {stage.batch // spv} volume(s) x {spv} samples",
+        "train.samples_per_volume": "two crops per loaded volume halve the loading cost"
+        if spv == 2
+        else "one crop per volume (odd batch)",
+        "train.sampler": stage.why["sampling"],
+        "train.max_epochs": stage.why["schedule"],
+        "train.iterations_per_epoch": "see max_epochs",
+        "train.val_interval": "see max_epochs",
+        "train.optimizer": why_opt,
+        "train.scheduler": "nnU-Net's poly learning-rate decay (power 0.9)",
+        "train.loss": "Dice + cross-entropy (nnU-Net)",
+        "train.amp": "mixed precision: CUDA AMP, or bfloat16 on CPUs that have it natively",
+        "train.num_workers": "one loader process on a CPU, which the training step needs"
+        if device == "cpu"
+        else "loader processes for the GPU",
+        "train.augment": stage.why["augment"],
+    }
+    if "pos_fraction" in stage.sampling:
+        why["train.pos_fraction"] = "see sampler"
+    return train, why
+
+
+def _cascade_section(fine: _Stage, train: dict[str, Any], margin: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``cascade`` section for a fine stage: its values where they differ from the coarse stage's."""
+    fine_train, _ = _train_section(fine, "cpu")
+    section: dict[str, Any] = {
+        "margin_mm": margin,
+        "spacing": fine.spacing,
+        "patch_size": fine.patch,
+        "model_args": fine.model["args"],
+        "sampler": fine.sampling["sampler"],
+    }
+    for key in ("max_epochs", "iterations_per_epoch", "batch_size", "val_interval"):
+        if fine_train[key] != train[key]:
+            section[key] = fine_train[key]
+    why = {
+        "cascade": "two stages (see the header): the coarse stage above finds the region, this fine stage segments "
+        "the crop around it",
+        "cascade.margin_mm": f"{margin:g} mm of context around the coarse stage's region",
+        "cascade.spacing": "the target spacing (the one-stage plan's)",
+        "cascade.patch_size": "the crops' median size at the target spacing; " + fine.why["patch"],
+        "cascade.model_args": fine.why["topology"] + "; " + fine.why["widths"],
+        "cascade.sampler": fine.why["sampling"],
+        "cascade.max_epochs": fine.why["schedule"] + f"; {fine.why['step']}",
+    }
+    return section, {k: v for k, v in why.items() if k.split(".")[-1] in section or k == "cascade"}
+
+
+def _data_section(
+    fp: Fingerprint, labels: dict[str, Any], label_map: dict[int, int], data_root: str | None, picks: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    """The ``data`` section from the decided values (``picks``), and the resampled data set's size in bytes."""
+    resampled = float(np.prod(_median_shape_at(fp, picks["spacing"], picks["crop"]))) * fp["n_cases"] * 4
+    resampled *= fp["n_channels"] + 1
+    cache = {"kind": "memory" if resampled < 0.25 * _available_ram() else "persistent", "rate": 1.0}
+    data: dict[str, Any] = {"source": "auto"}
+    if data_root is not None:
+        data["root"] = data_root
+    data.update({"modality": picks["modality"], "labels": labels})
+    if label_map:
+        data["label_map"] = label_map
+    data.update(
+        {
+            "spacing": picks["spacing"],
+            "orientation": picks["orientation"],
+            "intensity": picks["intensity"],
+            "crop_foreground": picks["crop"],
+            "split": {"val_fraction": SPLIT_VAL, "seed": 0},
+            "cache": cache,
+        }
+    )
+    return data, resampled
+
+
+def plan_recipe(
+    fp: Fingerprint,
+    *,
+    name: str | None = None,
+    device: str = "cpu",
+    memory_gb: float | None = None,
+    time_budget_s: float | None = None,
+    step_timer: StepTimer | None = None,
+    data_root: str | None = None,
+) -> Plan:
+    """Every decision from the fingerprint, as a recipe (with a ``cascade`` section when two stages are planned).
+
+    Args:
+        fp: a fingerprint (:func:`fingerprint`).
+        name: recipe name (default: the data set's).
+        device: ``cpu`` or ``cuda``: which memory model, widths and step time.
+        memory_gb: memory target (GPU memory on cuda, RAM on cpu); default the GPU's, or half the free RAM.
+        time_budget_s: training time to plan for (both stages together); None plans nnU-Net's schedule.
+        step_timer: ``(model, patch, batch) -> seconds`` of one training step; default
+            :func:`measure_step_seconds` on ``device``.
+        data_root: written as ``data.root``.
+    """
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device '{device}' is not cpu or cuda", "--device")
+    labels, label_map, values, why_labels = _plan_labels(fp)
+    n_classes = len(labels)
     modality, why_mod = determine_modality(fp)
     spacing, why_sp = determine_target_spacing(fp)
     orientation, why_or = determine_orientation(fp)
@@ -1044,171 +1295,102 @@ def plan_recipe(
     intensity, why_int = determine_normalization(fp, modality, kept)
     crop, kept, why_crop = determine_crop(fp, intensity)
     budget, why_mem = _memory_target(device, memory_gb)
-    amp = True
-    patch, strides, kernels, why_patch = determine_patch_size(
-        fp, spacing, device=device, budget_bytes=budget, n_classes=n_classes, cropped=crop, amp=amp
-    )
-    widths, why_w = determine_widths(nd, len(strides), device)
-    batch, why_batch = determine_batch_size(
-        fp, patch, strides, widths, device=device, budget_bytes=budget, n_classes=n_classes, spacing=spacing, amp=amp
-    )
-
-    def model_for(strides_: list[list[int]], kernels_: list[list[int]]) -> tuple[dict[str, Any], str, str]:
-        w, why_width = determine_widths(nd, len(strides_), device)
-        kernel, why_kernel = _kernel_for_unet(kernels_)
-        all_two = all(all(s == 2 for s in st) for st in strides_)
-        args: dict[str, Any] = {
-            "channels": w,
-            "strides": [2 for _ in strides_] if all_two else strides_,
-            "num_res_units": 2,
-            "norm": "instance",
-        }
-        if kernel != 3:
-            args["kernel_size"] = kernel
-        net = {"name": "unet", "spatial_dims": nd, "in_channels": fp["n_channels"], "args": args}
-        return net, why_width, why_kernel
-
-    model, why_w, why_k = model_for(strides, kernels)
     timer = step_timer or (
         lambda m, p, b: measure_step_seconds(m, p, b, n_classes=n_classes, device=device)  # noqa: E731
     )
-    if device == "cpu" and time_budget_s is not None:
-        patch, strides, kernels, step, why_fit = _fit_cpu_budget(
-            patch, spacing, nd, time_budget_s, lambda p, st, k: timer(model_for(st, k)[0], tuple(p), batch)
-        )
-        model, why_w, why_k = model_for(strides, kernels)
-        why_patch += why_fit
-    else:
-        step = timer(model, tuple(patch), batch)
-    why_step = f"measured {step:.3g} s per step of {batch} patch(es) {_fmt(patch)} on {device}"
-    _, _, why_topo = determine_topology(patch, spacing if spacing is not None else [1.0] * nd)
-
-    split_val = 0.2
-    sched, why_sched = determine_schedule(
-        fp, step_seconds=step, budget_seconds=time_budget_s, patch=patch, spacing=spacing, val_fraction=split_val
-    )
-    sampling, why_samp = determine_sampling(fp, spacing)
-    aug, why_aug = determine_augmentation(fp, spacing, patch)
+    plan_stage = functools.partial(_plan_stage, device=device, budget=budget, n_classes=n_classes, timer=timer)
+    stage = plan_stage(fp, spacing, crop=crop, time_budget_s=time_budget_s)
+    cascade, why_casc = determine_cascade(fp, spacing, stage.patch, crop)
+    fine = None
+    if cascade["applied"]:
+        share = None if time_budget_s is None else time_budget_s * CASCADE_COARSE_SHARE
+        stage = plan_stage(fp, cascade["coarse_spacing"], crop=crop, time_budget_s=share)
+        stage.sampling = {"sampler": "pos_neg", "pos_fraction": 0.67}
+        stage.why["sampling"] = "the coarse stage finds the region: 2/3 of the crops centred on foreground"
+        fine_budget = None if time_budget_s is None else time_budget_s - share  # type: ignore[operator]
+        # Small objects learn from many class-balanced crops; the crop around the region bounds the context.
+        its = FINE_MIN_ITERATIONS if cascade["small_labels"] else MIN_ITERATIONS
+        roi_fp = _roi_fingerprint(fp, CASCADE_MARGIN_MM)
+        fine = plan_stage(roi_fp, spacing, crop=False, time_budget_s=fine_budget, iterations=its)
     largest, why_post = determine_postprocess(fp)
-    cascade, why_casc = determine_cascade(fp, spacing, patch, crop)
-    total_iters = sched["max_epochs"] * sched["iterations_per_epoch"]
-    if total_iters >= 10_000:
-        optimizer = {"name": "sgd", "lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5}
-        why_opt = f"{total_iters} iterations: nnU-Net's SGD (lr 0.01, momentum 0.99, weight decay 3e-5)"
-    else:
-        optimizer = {"name": "adamw", "lr": 0.003, "weight_decay": 3e-5}
-        why_opt = f"{total_iters} iterations (< 10000): AdamW at 3e-3 converges faster in a short run than SGD"
-    spv = 2 if batch % 2 == 0 else 1
-    resampled_bytes = float(np.prod(_median_shape_at(fp, spacing, crop))) * fp["n_cases"] * 4 * (fp["n_channels"] + 1)
-    ram = _available_ram()
-    cache = {"kind": "memory" if resampled_bytes < 0.25 * ram else "persistent", "rate": 1.0}
-    workers = 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
-
-    data: dict[str, Any] = {"source": "auto"}
-    if data_root is not None:
-        data["root"] = data_root
-    data.update({"modality": modality, "labels": labels})
-    if label_map:
-        data["label_map"] = label_map
-        reasons["data.label_map"] = f"the files' label values {values} mapped to 0..{n_classes - 1}"
-    data.update(
-        {
-            "spacing": spacing,
-            "orientation": orientation,
-            "intensity": intensity,
-            "crop_foreground": crop,
-            "split": {"val_fraction": split_val, "seed": 0},
-            "cache": cache,
-        }
-    )
-    reasons.update(
-        {
-            "data.source": "the layout is recognised when loading (dataset.json, images/ + labels/, or a CSV)",
-            "data.root": "the data set this plan was made from (--data overrides it)",
-            "data.modality": why_mod,
-            "data.spacing": why_sp,
-            "data.orientation": why_or,
-            "data.intensity": why_int,
-            "data.crop_foreground": why_crop,
-            "data.split": "one case in five held out for validation",
-            "data.cache": f"the resampled data set is about {resampled_bytes / 1e9:.2f} GB; "
-            + ("kept in memory" if cache["kind"] == "memory" else "more than a quarter of the RAM: cached on disk"),
-            "model.name": "MONAI's residual U-Net, the network volseg's fast engine rebuilds",
-            "model.spatial_dims": f"the labels are {nd}D",
-            "model.in_channels": f"{fp['n_channels']} image channel(s)",
-            "model.args.channels": why_w,
-            "model.args.strides": why_topo,
-            "model.args.num_res_units": "two residual units per level (MONAI's default)",
-            "model.args.norm": "instance normalisation (nnU-Net), batch statistics are poor with small batches",
-            "train.patch_size": why_patch,
-            "train.batch_size": why_batch + (f"; {batch} patches = {batch // spv} volume(s) x {spv} samples"),
-            "train.samples_per_volume": "two crops per loaded volume halve the loading cost"
-            if spv == 2
-            else "one crop per volume (odd batch)",
-            "train.sampler": why_samp,
-            "train.max_epochs": why_sched,
-            "train.iterations_per_epoch": "see max_epochs",
-            "train.val_interval": "see max_epochs",
-            "train.optimizer": why_opt,
-            "train.scheduler": "nnU-Net's poly learning-rate decay (power 0.9)",
-            "train.loss": "Dice + cross-entropy (nnU-Net)",
-            "train.amp": "mixed precision: CUDA AMP, or bfloat16 on CPUs that have it natively",
-            "train.num_workers": "one loader process on a CPU, which the training step needs"
-            if device == "cpu"
-            else "loader processes for the GPU",
-            "train.augment": why_aug,
-            "infer.postprocess.largest_component": why_post,
-        }
-    )
-    if data_root is None:
-        del reasons["data.root"]
-    if "kernel_size" in model["args"]:
-        reasons["model.args.kernel_size"] = why_k
-    train: dict[str, Any] = {
-        "patch_size": patch,
-        "batch_size": batch // spv,
-        "samples_per_volume": spv,
-        **sampling,
-        **sched,
-        "optimizer": optimizer,
-        "scheduler": {"name": "poly", "power": 0.9},
-        "loss": {"name": "dice_ce"},
-        "amp": amp,
-        "num_workers": workers,
-        "augment": aug,
+    picks = {
+        "modality": modality,
+        "spacing": stage.spacing,
+        "orientation": orientation,
+        "intensity": intensity,
+        "crop": crop,
     }
-    if "pos_fraction" in sampling:
-        reasons["train.pos_fraction"] = "see sampler"
-    recipe = {
+    data, resampled = _data_section(fp, labels, label_map, data_root, picks)
+    train, why_train = _train_section(stage, device)
+    recipe: dict[str, Any] = {
         "name": _recipe_name(name or fp.get("name") or "dataset"),
         "description": f"planned by volseg plan from {fp['n_cases']} cases of {fp.get('name') or 'a data set'}",
         "data": data,
-        "model": model,
+        "model": stage.model,
         "train": train,
         "infer": {"postprocess": {"largest_component": largest}},
     }
-    header += [
+    reasons = {
+        "data.labels": why_labels,
+        "data.source": "the layout is recognised when loading (dataset.json, images/ + labels/, or a CSV)",
+        "data.root": "the data set this plan was made from (--data overrides it)",
+        "data.label_map": f"the files' label values {values} mapped to 0..{n_classes - 1}",
+        "data.modality": why_mod,
+        "data.spacing": why_sp
+        if fine is None
+        else (
+            f"the coarse stage's spacing (the target spacing, for the fine stage: {_fmt(spacing or [])} mm; {why_sp})"
+        ),
+        "data.orientation": why_or,
+        "data.intensity": why_int,
+        "data.crop_foreground": why_crop,
+        "data.split": "one case in five held out for validation",
+        "data.cache": f"the resampled data set is about {resampled / 1e9:.2f} GB; "
+        + ("kept in memory" if data["cache"]["kind"] == "memory" else "more than a quarter of the RAM: cached on disk"),
+        "model.name": "MONAI's residual U-Net, the network volseg's fast engine rebuilds",
+        "model.spatial_dims": f"the labels are {fp['spatial_dims']}D",
+        "model.in_channels": f"{fp['n_channels']} image channel(s)",
+        "model.args.channels": stage.why["widths"],
+        "model.args.strides": stage.why["topology"],
+        "model.args.num_res_units": "two residual units per level (MONAI's default)",
+        "model.args.norm": "instance normalisation (nnU-Net), batch statistics are poor with small batches",
+        "model.args.kernel_size": stage.why["kernels"],
+        **why_train,
+        "infer.postprocess.largest_component": why_post,
+    }
+    if fine is not None:
+        recipe["cascade"], why_fine = _cascade_section(fine, train, CASCADE_MARGIN_MM)
+        reasons.update(why_fine)
+    reasons = {k: v for k, v in reasons.items() if _has_key(recipe, k)}
+    header = [
         f"Planned by `volseg plan` for {device}"
         + (f" and a time budget of {time_budget_s / 60:.0f} min" if time_budget_s else "")
         + f" from {fp['n_cases']} cases; the fingerprint is beside this file.",
         f"Memory target: {why_mem}.",
-        f"Step time: {why_step}.",
-        f"Network kernels: {why_k}.",
+        f"Step time: {stage.why['step']}" + (f"; fine stage: {fine.why['step']}." if fine else "."),
+        f"Network kernels: {stage.why['kernels']}.",
         f"Cascade: {why_casc}.",
     ]
-    decisions.update(
-        {
-            "device": device,
-            "memory_target_bytes": budget,
-            "step_seconds": step,
-            "time_budget_s": time_budget_s,
-            "kernels_per_level": kernels,
-            "strides": strides,
-            "cascade": {**cascade, "reason": why_casc},
-            "reasons": reasons,
-        }
-    )
+    decisions = {
+        "device": device,
+        "memory_target_bytes": budget,
+        "step_seconds": stage.step,
+        "time_budget_s": time_budget_s,
+        "kernels_per_level": stage.kernels,
+        "strides": stage.strides,
+        "cascade": {**cascade, "reason": why_casc},
+        "reasons": reasons,
+    }
     return Plan(recipe, reasons, header, decisions)
+
+
+def _has_key(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------

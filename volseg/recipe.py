@@ -361,6 +361,8 @@ class Cascade(_Strict):
     )
     max_epochs: PositiveInt | None = Field(default=None, description="defaults to train.max_epochs")
     iterations_per_epoch: PositiveInt | None = Field(default=None, description="defaults to train's")
+    batch_size: PositiveInt | None = Field(default=None, description="defaults to train.batch_size")
+    val_interval: PositiveInt | None = Field(default=None, description="defaults to train.val_interval")
     sampler: Literal["pos_neg", "class_balanced"] = Field(
         default="class_balanced", description="class_balanced centres patches on every label alike (small lesions)"
     )
