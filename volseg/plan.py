@@ -223,6 +223,112 @@ def _read_case_image(image: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([array for array, _ in parts], axis=-1), parts[0][1]
 
 
+def _read_case(
+    case: dict[str, Any], nd_seen: int | None, n_channels: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A case's (channels-last image, squeezed label, affine), checked against the cases read before."""
+    image, affine = _read_case_image(case["image"])
+    label, _ = _read(Path(case["label"]))
+    label = np.squeeze(label) if label.ndim > 2 else label
+    nd = label.ndim
+    if nd not in (2, 3):
+        raise UserError(f"a label must be 2D or 3D, this one has shape {label.shape}", case["label"])
+    if nd_seen is not None and nd != nd_seen:
+        raise UserError(f"the labels mix {nd_seen}D and {nd}D", case["label"])
+    if tuple(image.shape[:nd]) != tuple(label.shape):
+        raise UserError(
+            f"image shape {image.shape} does not match label shape {label.shape}", first_file(case["image"])
+        )
+    chans = image.reshape(image.shape[:nd] + (-1,)) if image.ndim > nd else image[..., None]
+    if n_channels is not None and chans.shape[-1] != n_channels:
+        raise UserError(f"{chans.shape[-1]} channel(s), the first case has {n_channels}", first_file(case["image"]))
+    return chans, label, affine
+
+
+def _case_geometry(case: dict[str, Any], chans: np.ndarray, label: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
+    """Spacing, shape, shape cropped to nonzero and labelled extent, in RAS axis order."""
+    nd = label.ndim
+    spacing = np.sqrt((affine[:nd, :nd] ** 2).sum(axis=0))
+    ras = [0] * nd
+    for stored, world in enumerate(_ras_order(affine, nd)):
+        ras[world] = stored
+    cropped = _nonzero_shape(chans, nd)
+    return {
+        "case": first_file(case["image"]).name,
+        "spacing": [round(float(spacing[a]), 6) for a in ras],
+        "shape": [int(label.shape[a]) for a in ras],
+        "cropped_shape": [int(cropped[a]) for a in ras],
+        "foreground_mm": _foreground_mm(label, spacing, ras),
+    }
+
+
+def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[str, Any]], where: str) -> None:
+    """Add a case's voxels per label value and its objects' sizes to ``stats``."""
+    nd = label.ndim
+    spacing = np.sqrt((affine[:nd, :nd] ** 2).sum(axis=0))
+    # Integer labels are counted in their own type (no int64 copy of a large volume).
+    values = label if np.issubdtype(label.dtype, np.integer) else np.rint(label).astype(np.int32)
+    found, counts = np.unique(values, return_counts=True)
+    if found.size and found[0] < 0:
+        raise UserError("label values must not be negative", where)
+    if found.size > 1000:
+        raise UserError(f"{found.size} distinct label values: is this an image?", where)
+    for value, count in zip(found.tolist(), counts.tolist(), strict=True):
+        s = stats.setdefault(int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": []})
+        s["voxels"] += int(count)
+        if value == 0:
+            continue
+        diam = _objects(values, int(value), spacing)
+        s["cases"] += 1
+        s["objects"].extend(diam)
+        s["per_case"].append(len(diam))
+
+
+def _channel_summary(fg: list[np.ndarray], everything: list[np.ndarray], name: str) -> dict[str, Any]:
+    fgv = np.concatenate(fg) if fg else np.zeros(0)
+    allv = np.concatenate(everything)
+    src = fgv if fgv.size else allv
+    return {
+        "name": name,
+        "mean": float(src.mean()),
+        "std": float(src.std()),
+        "p00_5": float(np.percentile(src, 0.5)),
+        "p99_5": float(np.percentile(src, 99.5)),
+        "image_p00_5": float(np.percentile(allv, 0.5)),
+        "image_min": float(allv.min()),
+    }
+
+
+def _label_summary(value: int, s: dict[str, Any], name: str, total_voxels: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "voxel_fraction": s["voxels"] / total_voxels}
+    if value:
+        obj = np.asarray(s["objects"])
+        entry.update(
+            {
+                "cases_present": s["cases"],
+                "objects_per_case_max": int(max(s["per_case"])),
+                "objects_per_case_median": float(np.median(s["per_case"])),
+                "object_diameter_mm": {
+                    "median": float(np.median(obj)),
+                    "p10": float(np.percentile(obj, 10)),
+                    "min": float(obj.min()),
+                },
+            }
+        )
+    return entry
+
+
+def _modality_from_names(channel_names: list[str] | None) -> str | None:
+    if not channel_names:
+        return None
+    if len(channel_names) == 1 and channel_names[0].upper() == "CT":
+        return "CT"
+    if any(w in n.lower() for n in channel_names for w in ("microscop", "fluoresc")):
+        return "microscopy"
+    mr = ("MR", "MRI", "T1", "T2", "FLAIR", "T1W", "T2W", "T1GD", "ADC", "DWI")
+    return "MR" if any(n.upper() in mr for n in channel_names) else "other"
+
+
 def fingerprint(
     cases: Sequence[dict[str, str]],
     *,
@@ -256,133 +362,53 @@ def fingerprint(
     all_samples: list[list[np.ndarray]] = []
     label_stats: dict[int, dict[str, Any]] = {}
     nd_seen: int | None = None
-    n_channels = 1
+    n_channels: int | None = None
     total_voxels = 0
     for i, case in enumerate(cases):
-        image, affine = _read_case_image(case["image"])
-        label, _ = _read(Path(case["label"]))
-        label = np.squeeze(label) if label.ndim > 2 else label
-        nd = label.ndim
-        if nd not in (2, 3):
-            raise UserError(f"a label must be 2D or 3D, this one has shape {label.shape}", case["label"])
+        chans, label, affine = _read_case(case, nd_seen, n_channels)
         if nd_seen is None:
-            nd_seen = nd
-            n_channels = int(np.prod(image.shape[nd:])) if image.ndim > nd else 1
-        elif nd != nd_seen:
-            raise UserError(f"the labels mix {nd_seen}D and {nd}D", case["label"])
-        if tuple(image.shape[:nd]) != tuple(label.shape):
-            raise UserError(
-                f"image shape {image.shape} does not match label shape {label.shape}", first_file(case["image"])
-            )
-        chans = image.reshape(image.shape[:nd] + (-1,)) if image.ndim > nd else image[..., None]
-        if chans.shape[-1] != n_channels:
-            raise UserError(f"{chans.shape[-1]} channel(s), the first case has {n_channels}", first_file(case["image"]))
-        spacing = np.sqrt((affine[:nd, :nd] ** 2).sum(axis=0)) if nd == 3 else np.sqrt((affine[:2, :2] ** 2).sum(0))
-        order = _ras_order(affine, nd)
-        ras = [0] * nd
-        for stored, world in enumerate(order):
-            ras[world] = stored
-        cropped = _nonzero_shape(chans, nd)
-        per_case.append(
-            {
-                "case": first_file(case["image"]).name,
-                "spacing": [round(float(spacing[a]), 6) for a in ras],
-                "shape": [int(label.shape[a]) for a in ras],
-                "cropped_shape": [int(cropped[a]) for a in ras],
-                "foreground_mm": _foreground_mm(label, spacing, ras),
-            }
-        )
+            nd_seen, n_channels = label.ndim, int(chans.shape[-1])
+            fg_samples, all_samples = [[] for _ in range(n_channels)], [[] for _ in range(n_channels)]
+        per_case.append(_case_geometry(case, chans, label, affine))
         pick_fg = _sample_nonzero(label.ravel() > 0, max_voxels, rng)
         pick_all = rng.integers(0, label.size, min(max_voxels, label.size))
-        flat = chans.reshape(-1, n_channels)
-        if not fg_samples:
-            fg_samples = [[] for _ in range(n_channels)]
-            all_samples = [[] for _ in range(n_channels)]
-        for c in range(n_channels):
+        flat = chans.reshape(-1, chans.shape[-1])
+        for c in range(chans.shape[-1]):
             fg_samples[c].append(np.asarray(flat[pick_fg, c], dtype=np.float64))
             all_samples[c].append(np.asarray(flat[pick_all, c], dtype=np.float64))
-        # Integer labels are counted in their own type (no int64 copy of a large volume).
-        values = label if np.issubdtype(label.dtype, np.integer) else np.rint(label).astype(np.int32)
-        found, counts = np.unique(values, return_counts=True)
-        if found.size and found[0] < 0:
-            raise UserError("label values must not be negative", case["label"])
-        if found.size > 1000:
-            raise UserError(f"{found.size} distinct label values: is this an image?", case["label"])
         total_voxels += label.size
-        for value, count in zip(found.tolist(), counts.tolist(), strict=True):
-            stats = label_stats.setdefault(int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": []})
-            stats["voxels"] += int(count)
-            if value == 0:
-                continue
-            diam = _objects(values, int(value), spacing)
-            stats["cases"] += 1
-            stats["objects"].extend(diam)
-            stats["per_case"].append(len(diam))
-        del image, label, chans, values
+        _count_labels(label, affine, label_stats, case["label"])
+        del chans, label, flat
         if echo is not None:
             echo(f"fingerprint: case {i + 1}/{len(cases)} {first_file(case['image']).name}")
-    if not per_case:
+    if not per_case or n_channels is None:
         raise UserError("no cases to fingerprint")
     channel_names = meta.get("channels")
-    channels = []
-    for c in range(n_channels):
-        fgv = np.concatenate(fg_samples[c]) if fg_samples[c] else np.zeros(0)
-        allv = np.concatenate(all_samples[c])
-        src = fgv if fgv.size else allv
-        channels.append(
-            {
-                "name": channel_names[c] if channel_names and c < len(channel_names) else f"channel_{c}",
-                "mean": float(src.mean()),
-                "std": float(src.std()),
-                "p00_5": float(np.percentile(src, 0.5)),
-                "p99_5": float(np.percentile(src, 99.5)),
-                "image_p00_5": float(np.percentile(allv, 0.5)),
-                "image_min": float(allv.min()),
-            }
-        )
     names = meta.get("labels") or {}
-    labels: dict[str, dict[str, Any]] = {}
-    for value in sorted(label_stats):
-        s = label_stats[value]
-        entry: dict[str, Any] = {
-            "name": names.get(value, "background" if value == 0 else f"label_{value}"),
-            "voxel_fraction": s["voxels"] / total_voxels,
-        }
-        if value:
-            obj = np.asarray(s["objects"])
-            entry.update(
-                {
-                    "cases_present": s["cases"],
-                    "objects_per_case_max": int(max(s["per_case"])),
-                    "objects_per_case_median": float(np.median(s["per_case"])),
-                    "object_diameter_mm": {
-                        "median": float(np.median(obj)),
-                        "p10": float(np.percentile(obj, 10)),
-                        "min": float(obj.min()),
-                    },
-                }
-            )
-        labels[str(value)] = entry
-    modality = None
-    if channel_names and len(channel_names) == 1 and channel_names[0].upper() == "CT":
-        modality = "CT"
-    elif channel_names and any(w in n.lower() for n in channel_names for w in ("microscop", "fluoresc")):
-        modality = "microscopy"
-    elif channel_names:
-        modality = "MR" if any(n.upper() in ("MR", "MRI", "T1", "T2", "FLAIR", "T1W", "T2W", "T1GD", "ADC", "DWI")
-                               for n in channel_names) else "other"  # fmt: skip
     return {
         "version": FINGERPRINT_VERSION,
         "name": meta.get("name"),
         "spatial_dims": nd_seen,
         "n_channels": n_channels,
         "channel_names": channel_names,
-        "modality": modality,
+        "modality": _modality_from_names(channel_names),
         "n_cases": len(per_case),
         "max_voxels_per_case": max_voxels,
         "cases": per_case,
-        "channels": channels,
-        "labels": labels,
+        "channels": [
+            _channel_summary(
+                fg_samples[c],
+                all_samples[c],
+                channel_names[c] if channel_names and c < len(channel_names) else f"channel_{c}",
+            )
+            for c in range(n_channels)
+        ],  # fmt: skip
+        "labels": {
+            str(v): _label_summary(
+                v, label_stats[v], names.get(v, "background" if v == 0 else f"label_{v}"), total_voxels
+            )
+            for v in sorted(label_stats)
+        },  # fmt: skip
     }
 
 
@@ -1262,6 +1288,26 @@ def _data_section(
     return data, resampled
 
 
+DATA_REASONS = {
+    "data.source": "the layout is recognised when loading (dataset.json, images/ + labels/, or a CSV)",
+    "data.root": "the data set this plan was made from (--data overrides it)",
+    "data.split": "one case in five held out for validation",
+}
+
+
+def _model_reasons(fp: Fingerprint, stage: _Stage) -> dict[str, str]:
+    return {
+        "model.name": "MONAI's residual U-Net, the network volseg's fast engine rebuilds",
+        "model.spatial_dims": f"the labels are {fp['spatial_dims']}D",
+        "model.in_channels": f"{fp['n_channels']} image channel(s)",
+        "model.args.channels": stage.why["widths"],
+        "model.args.strides": stage.why["topology"],
+        "model.args.num_res_units": "two residual units per level (MONAI's default)",
+        "model.args.norm": "instance normalisation (nnU-Net), batch statistics are poor with small batches",
+        "model.args.kernel_size": stage.why["kernels"],
+    }
+
+
 def plan_recipe(
     fp: Fingerprint,
     *,
@@ -1332,8 +1378,7 @@ def plan_recipe(
     }
     reasons = {
         "data.labels": why_labels,
-        "data.source": "the layout is recognised when loading (dataset.json, images/ + labels/, or a CSV)",
-        "data.root": "the data set this plan was made from (--data overrides it)",
+        **DATA_REASONS,
         "data.label_map": f"the files' label values {values} mapped to 0..{n_classes - 1}",
         "data.modality": why_mod,
         "data.spacing": why_sp
@@ -1344,17 +1389,9 @@ def plan_recipe(
         "data.orientation": why_or,
         "data.intensity": why_int,
         "data.crop_foreground": why_crop,
-        "data.split": "one case in five held out for validation",
         "data.cache": f"the resampled data set is about {resampled / 1e9:.2f} GB; "
         + ("kept in memory" if data["cache"]["kind"] == "memory" else "more than a quarter of the RAM: cached on disk"),
-        "model.name": "MONAI's residual U-Net, the network volseg's fast engine rebuilds",
-        "model.spatial_dims": f"the labels are {fp['spatial_dims']}D",
-        "model.in_channels": f"{fp['n_channels']} image channel(s)",
-        "model.args.channels": stage.why["widths"],
-        "model.args.strides": stage.why["topology"],
-        "model.args.num_res_units": "two residual units per level (MONAI's default)",
-        "model.args.norm": "instance normalisation (nnU-Net), batch statistics are poor with small batches",
-        "model.args.kernel_size": stage.why["kernels"],
+        **_model_reasons(fp, stage),
         **why_train,
         "infer.postprocess.largest_component": why_post,
     }
@@ -1362,26 +1399,26 @@ def plan_recipe(
         recipe["cascade"], why_fine = _cascade_section(fine, train, CASCADE_MARGIN_MM)
         reasons.update(why_fine)
     reasons = {k: v for k, v in reasons.items() if _has_key(recipe, k)}
-    header = [
+    header = _header(fp, device, time_budget_s, why_mem, stage, fine, why_casc)
+    decisions = {
+        "device": device, "memory_target_bytes": budget, "step_seconds": stage.step, "time_budget_s": time_budget_s,
+        "kernels_per_level": stage.kernels, "strides": stage.strides, "cascade": {**cascade, "reason": why_casc},
+        "reasons": reasons,
+    }  # fmt: skip
+    return Plan(recipe, reasons, header, decisions)
+
+
+def _header(fp: Fingerprint, device: str, budget_s: float | None, why_mem: str, stage: _Stage, fine: _Stage | None,
+            why_cascade: str) -> list[str]:  # fmt: skip
+    return [
         f"Planned by `volseg plan` for {device}"
-        + (f" and a time budget of {time_budget_s / 60:.0f} min" if time_budget_s else "")
+        + (f" and a time budget of {budget_s / 60:.0f} min" if budget_s else "")
         + f" from {fp['n_cases']} cases; the fingerprint is beside this file.",
         f"Memory target: {why_mem}.",
         f"Step time: {stage.why['step']}" + (f"; fine stage: {fine.why['step']}." if fine else "."),
         f"Network kernels: {stage.why['kernels']}.",
-        f"Cascade: {why_casc}.",
+        f"Cascade: {why_cascade}.",
     ]
-    decisions = {
-        "device": device,
-        "memory_target_bytes": budget,
-        "step_seconds": stage.step,
-        "time_budget_s": time_budget_s,
-        "kernels_per_level": stage.kernels,
-        "strides": stage.strides,
-        "cascade": {**cascade, "reason": why_casc},
-        "reasons": reasons,
-    }
-    return Plan(recipe, reasons, header, decisions)
 
 
 def _has_key(tree: dict[str, Any], dotted: str) -> bool:
