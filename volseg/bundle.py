@@ -242,37 +242,55 @@ def _scheduler(recipe: Recipe) -> dict[str, Any] | None:
             "factor": s.gamma, "patience": s.patience, "min_lr": s.min_lr}  # fmt: skip
 
 
-def _case_list(name: str) -> str:
+#: The validation metrics of a run as the trainer's evaluator names them: the key metric (the mean Dice over the
+#: foreground labels, which picks the best epoch) and the per-label Dice and IoU.
+KEY_METRIC = "val_mean_dice"
+DICE_METRIC = "val_dice"
+IOU_METRIC = "val_iou"
+
+#: Training handlers that only rank 0 runs in a distributed training (it alone logs and writes).
+RANK0_HANDLERS = ("StatsHandler", "TensorBoardStatsHandler", "CheckpointSaver")
+
+
+def run_metrics(
+    best_mean_dice: float,
+    per_label_dice: dict[str, float],
+    per_label_iou: dict[str, float],
+    surface: dict[str, dict[str, float]],
+) -> dict[str, float]:
+    """metadata.json's ``eval_metrics`` of a finished run: the best epoch's mean Dice, and the last validation's
+    per-label Dice, IoU and defined surface metrics (``val_hd95_liver``, ...), rounded to 4 places."""
+    metrics: dict[str, float] = {KEY_METRIC: round(best_mean_dice, 4)}
+    metrics.update({f"{DICE_METRIC}_{k}": round(v, 4) for k, v in per_label_dice.items()})
+    metrics.update({f"{IOU_METRIC}_{k}": round(v, 4) for k, v in per_label_iou.items()})
+    for k, vals in surface.items():
+        for metric, v in vals.items():
+            if v == v:  # defined
+                metrics[f"val_{metric}_{k}"] = round(v, 4)
+    return metrics
+
+
+def _case_list(name: str, channel_files: bool = False) -> str:
+    if channel_files:  # several input channels may be stored one file each: an image is then a list of files
+        join = "[os.path.join(@dataset_dir, x) for x in v] if isinstance(v, list) else os.path.join(@dataset_dir, v)"
+        return f"$[{{k: {join} for k, v in c.items()}} for c in @{name}]"
     return f"$[{{k: os.path.join(@dataset_dir, v) for k, v in c.items()}} for c in @{name}]"
 
 
-def train_config(
-    recipe: Recipe,
-    dataset_dir: str = "/workspace/data",
-    train_cases: list[dict[str, str]] | None = None,
-    val_cases: list[dict[str, str]] | None = None,
-) -> dict[str, Any]:
-    """configs/train.json in MONAI Label's conventions.
+def _dataset(recipe: Recipe, split: str, transform: str) -> dict[str, Any]:
+    cache, t = recipe.data.cache, recipe.train
+    data = _case_list(f"{split}_cases", recipe.model.in_channels > 1)
+    if cache.kind == "memory":
+        return {"_target_": "CacheDataset", "data": data, "transform": transform,
+                "cache_rate": cache.rate, "num_workers": t.num_workers}  # fmt: skip
+    if cache.kind == "persistent":
+        return {"_target_": "PersistentDataset", "data": data, "transform": transform,
+                "cache_dir": "$@bundle_root + '/cache'"}  # fmt: skip
+    return {"_target_": "Dataset", "data": data, "transform": transform}
 
-    Case paths are stored relative to ``dataset_dir`` in ``train_cases`` and ``val_cases``; MONAI Label replaces
-    ``train#dataset#data`` and ``validate#dataset#data`` with its own lists.
-    """
+
+def _train_loader(recipe: Recipe) -> dict[str, Any]:
     t = recipe.train
-    n = recipe.num_classes
-    cache = recipe.data.cache
-    loss_only = "$monai.handlers.from_engine(['loss'], first=True)"
-    pred_label = "$monai.handlers.from_engine(['pred', 'label'])"
-
-    def dataset(split: str, transform: str) -> dict[str, Any]:
-        data = _case_list(f"{split}_cases")
-        if cache.kind == "memory":
-            return {"_target_": "CacheDataset", "data": data, "transform": transform,
-                    "cache_rate": cache.rate, "num_workers": t.num_workers}  # fmt: skip
-        if cache.kind == "persistent":
-            return {"_target_": "PersistentDataset", "data": data, "transform": transform,
-                    "cache_dir": "$@bundle_root + '/cache'"}  # fmt: skip
-        return {"_target_": "Dataset", "data": data, "transform": transform}
-
     train_loader: dict[str, Any] = {
         "_target_": "DataLoader",
         "dataset": "@train#dataset",
@@ -289,7 +307,12 @@ def train_config(
             "replacement": True,
             "num_samples": t.iterations_per_epoch * t.batch_size,
         }
+    return train_loader
 
+
+def _handlers(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The trainer's and the evaluator's handlers (validation, logging, best checkpoint, LR schedule)."""
+    loss_only = "$monai.handlers.from_engine(['loss'], first=True)"
     train_handlers: list[dict[str, Any]] = [
         {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
          "interval": "@val_interval"},
@@ -297,23 +320,125 @@ def train_config(
         {"_target_": "TensorBoardStatsHandler", "log_dir": "@log_dir", "tag_name": "train_loss",
          "output_transform": loss_only},
     ]  # fmt: skip
-    sched = _scheduler(recipe)
     val_handlers: list[dict[str, Any]] = [
         {"_target_": "StatsHandler", "iteration_log": False},
         {"_target_": "TensorBoardStatsHandler", "log_dir": "@log_dir", "iteration_log": False},
         {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
          "save_key_metric": True, "key_metric_filename": "model.pt"},
     ]  # fmt: skip
-    if sched is not None:
+    if _scheduler(recipe) is not None:
         if recipe.train.scheduler.name == "plateau":
-            step = "$lambda engine: engine.state.metrics['val_mean_dice']"
+            step = f"$lambda engine: engine.state.metrics['{KEY_METRIC}']"
             val_handlers.append(
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "step_transform": step}
             )  # noqa: E501
         else:
             train_handlers.insert(0, {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler",
                                       "print_lr": False})  # fmt: skip
+    return train_handlers, val_handlers
 
+
+def _train_section(recipe: Recipe, handlers: list[dict[str, Any]]) -> dict[str, Any]:
+    t = recipe.train
+    return {
+        "deterministic_transforms": T.preprocessing(recipe, with_label=True, training=True),
+        "random_transforms": T.train_sampling(recipe),
+        "preprocessing": _compose("$@train#deterministic_transforms + @train#random_transforms"),
+        "dataset": _dataset(recipe, "train", "@train#preprocessing"),
+        "dataloader": _train_loader(recipe),
+        "inferer": {"_target_": "SimpleInferer"},
+        "handlers": handlers,
+        "trainer": {
+            "_target_": "SupervisedTrainer",
+            "max_epochs": t.max_epochs,
+            "device": "@device",
+            "train_data_loader": "@train#dataloader",
+            "network": "@network",
+            "loss_function": "@loss",
+            "optimizer": "@optimizer",
+            "inferer": "@train#inferer",
+            "train_handlers": "@train#handlers",
+            "amp": f"$torch.cuda.is_available() and {t.amp}",
+        },
+    }
+
+
+def _validate_section(recipe: Recipe, handlers: list[dict[str, Any]]) -> dict[str, Any]:
+    t, n = recipe.train, recipe.num_classes
+    pred_label = "$monai.handlers.from_engine(['pred', 'label'])"
+    return {
+        "preprocessing": _compose(T.val_transforms(recipe)),
+        "dataset": _dataset(recipe, "val", "@validate#preprocessing"),
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@validate#dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": min(t.num_workers, 2),
+        },  # fmt: skip
+        "inferer": T.sliding_window(recipe),
+        "postprocessing": _compose(
+            [
+                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                {
+                    "_target_": "AsDiscreted",
+                    "keys": ["pred", "label"],
+                    "argmax": [True, False],
+                    "to_onehot": n,
+                },  # fmt: skip
+            ]
+        ),
+        "handlers": handlers,
+        "key_metric": {
+            KEY_METRIC: {
+                "_target_": "MeanDice",
+                "include_background": False,
+                "output_transform": pred_label,
+            },  # fmt: skip
+        },
+        "additional_metrics": {
+            DICE_METRIC: {
+                "_target_": "MeanDice",
+                "include_background": False,
+                "reduction": "mean_batch",
+                "output_transform": pred_label,
+            },
+            IOU_METRIC: {
+                "_target_": "MeanIoUHandler",
+                "include_background": False,
+                "reduction": "mean_batch",
+                "output_transform": pred_label,
+            },
+        },  # fmt: skip
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@validate#dataloader",
+            "network": "@network",
+            "inferer": "@validate#inferer",
+            "postprocessing": "@validate#postprocessing",
+            "key_val_metric": "@validate#key_metric",
+            "additional_metrics": "@validate#additional_metrics",
+            "val_handlers": "@validate#handlers",
+            "amp": f"$torch.cuda.is_available() and {t.amp}",
+        },
+    }
+
+
+def train_config(
+    recipe: Recipe,
+    dataset_dir: str = "/workspace/data",
+    train_cases: list[dict[str, str]] | None = None,
+    val_cases: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """configs/train.json in MONAI Label's conventions.
+
+    Case paths are stored relative to ``dataset_dir`` in ``train_cases`` and ``val_cases``; MONAI Label replaces
+    ``train#dataset#data`` and ``validate#dataset#data`` with its own lists.
+    """
+    t, m = recipe.train, recipe.model
+    train_handlers, val_handlers = _handlers(recipe)
+    sched = _scheduler(recipe)
     cfg: dict[str, Any] = {
         "imports": ["$import glob", "$import os", "$import ignite", "$import torch", "$import monai"],
         "bundle_root": ".",
@@ -324,90 +449,12 @@ def train_config(
         "val_cases": val_cases or [],
         "val_interval": t.val_interval,
         "device": DEVICE_EXPR,
-        "network_def": network_config(
-            recipe.model.name, recipe.model.spatial_dims, recipe.model.in_channels, n, recipe.model.args
-        ),
+        "network_def": network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args),
         "network": "$@network_def.to(@device)",
         "loss": _loss(recipe),
         "optimizer": _optimizer(recipe),
-        "train": {
-            "deterministic_transforms": T.preprocessing(recipe, with_label=True, training=True),
-            "random_transforms": T.train_sampling(recipe),
-            "preprocessing": _compose("$@train#deterministic_transforms + @train#random_transforms"),
-            "dataset": dataset("train", "@train#preprocessing"),
-            "dataloader": train_loader,
-            "inferer": {"_target_": "SimpleInferer"},
-            "handlers": train_handlers,
-            "trainer": {
-                "_target_": "SupervisedTrainer",
-                "max_epochs": t.max_epochs,
-                "device": "@device",
-                "train_data_loader": "@train#dataloader",
-                "network": "@network",
-                "loss_function": "@loss",
-                "optimizer": "@optimizer",
-                "inferer": "@train#inferer",
-                "train_handlers": "@train#handlers",
-                "amp": f"$torch.cuda.is_available() and {t.amp}",
-            },
-        },
-        "validate": {
-            "preprocessing": _compose(T.val_transforms(recipe)),
-            "dataset": dataset("val", "@validate#preprocessing"),
-            "dataloader": {
-                "_target_": "DataLoader",
-                "dataset": "@validate#dataset",
-                "batch_size": 1,
-                "shuffle": False,
-                "num_workers": min(t.num_workers, 2),
-            },  # fmt: skip
-            "inferer": T.sliding_window(recipe),
-            "postprocessing": _compose(
-                [
-                    {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                    {
-                        "_target_": "AsDiscreted",
-                        "keys": ["pred", "label"],
-                        "argmax": [True, False],
-                        "to_onehot": n,
-                    },  # fmt: skip
-                ]
-            ),
-            "handlers": val_handlers,
-            "key_metric": {
-                "val_mean_dice": {
-                    "_target_": "MeanDice",
-                    "include_background": False,
-                    "output_transform": pred_label,
-                },  # fmt: skip
-            },
-            "additional_metrics": {
-                "val_dice": {
-                    "_target_": "MeanDice",
-                    "include_background": False,
-                    "reduction": "mean_batch",
-                    "output_transform": pred_label,
-                },
-                "val_iou": {
-                    "_target_": "MeanIoUHandler",
-                    "include_background": False,
-                    "reduction": "mean_batch",
-                    "output_transform": pred_label,
-                },
-            },  # fmt: skip
-            "evaluator": {
-                "_target_": "SupervisedEvaluator",
-                "device": "@device",
-                "val_data_loader": "@validate#dataloader",
-                "network": "@network",
-                "inferer": "@validate#inferer",
-                "postprocessing": "@validate#postprocessing",
-                "key_val_metric": "@validate#key_metric",
-                "additional_metrics": "@validate#additional_metrics",
-                "val_handlers": "@validate#handlers",
-                "amp": f"$torch.cuda.is_available() and {t.amp}",
-            },
-        },
+        "train": _train_section(recipe, train_handlers),
+        "validate": _validate_section(recipe, val_handlers),
         "initialize": [f"$monai.utils.set_determinism(seed={t.seed})"],
         "run": ["$@train#trainer.run()"],
     }
@@ -421,6 +468,75 @@ def train_config(
     return cfg
 
 
+def _validation_sampler(even_divisible: bool) -> dict[str, Any]:
+    return {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": even_divisible,
+            "shuffle": False}  # fmt: skip
+
+
+def distributed_overrides(
+    recipe: Recipe,
+    cfg: dict[str, Any] | None = None,
+    *,
+    rank: int | None = None,
+    world: int | None = None,
+    cuda: bool = True,
+) -> dict[str, Any]:
+    """The overrides of train.json that make a training distributed, for both setups.
+
+    In each, the trainer runs the network in DDP, validation is split over the ranks by a DistributedSampler
+    (MONAI's metric handlers gather the metrics) and ranks above 0 drop the handlers of :data:`RANK0_HANDLERS`.
+
+    * ``rank=None``: ``configs/multi_gpu_train.json`` under ``torchrun`` (see :func:`multi_gpu_train_config`). The
+      rank is read at run time; every rank reads the whole training list through a DistributedSampler
+      (reshuffled each epoch by MONAI's workflow); validation is split without padding.
+    * ``rank`` and ``world`` given: one process of volseg's own multi-process run over ``cfg`` (its train.json
+      content). Each rank caches only its share of the training cases (padded to equal length, so that every
+      rank runs the same number of iterations); validation is split without padded duplicates unless there are
+      fewer cases than ranks; the evaluator uses the plain module (no collective in its forward). ``cuda``: DDP
+      gets the rank's device (``device_ids``), else none (CPU, gloo).
+
+    Returns:
+        Config ids (``train#dataloader#sampler``, ...) -> content, for ``ConfigParser.__setitem__`` or as a
+        config file of overrides.
+    """
+    if rank is None:
+        return {
+            "device": "$torch.device(f'cuda:{dist.get_rank()}')",
+            "network": {
+                "_target_": "torch.nn.parallel.DistributedDataParallel",
+                "module": "$@network_def.to(@device)",
+                "device_ids": ["@device"],
+            },
+            "train#sampler": {
+                "_target_": "DistributedSampler",
+                "dataset": "@train#dataset",
+                "even_divisible": True,
+                "shuffle": True,
+            },
+            "train#dataloader#sampler": "@train#sampler",
+            "train#dataloader#shuffle": False,
+            "train#trainer#train_handlers": "$@train#handlers[: -2 if dist.get_rank() > 0 else None]",
+            "validate#sampler": _validation_sampler(False),
+            "validate#dataloader#sampler": "@validate#sampler",
+            "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
+        }
+    from monai.data import partition_dataset
+
+    if cfg is None or world is None:
+        raise ValueError("a rank's overrides need the train.json content and the world size")
+    val_cases = cfg["val_cases"]
+    ids = "[@device]" if cuda else "None"
+    overrides: dict[str, Any] = {
+        "train_cases": partition_dataset(cfg["train_cases"], num_partitions=world, even_divisible=True)[rank],
+        "validate#dataloader#sampler": _validation_sampler(len(val_cases) < world),
+        "train#trainer#network": f"$torch.nn.parallel.DistributedDataParallel(@network, device_ids={ids})",
+    }
+    if rank > 0:  # only rank 0 logs and writes
+        for key, section in (("train#handlers", "train"), ("validate#handlers", "validate")):
+            overrides[key] = [h for h in cfg[section]["handlers"] if h.get("_target_") not in RANK0_HANDLERS]
+    return overrides
+
+
 def multi_gpu_train_config(recipe: Recipe) -> dict[str, Any]:
     """configs/multi_gpu_train.json: overrides of train.json for ``torchrun`` (one process per GPU), as MONAI
     Label and the MONAI model zoo use it::
@@ -429,34 +545,13 @@ def multi_gpu_train_config(recipe: Recipe) -> dict[str, Any]:
             --config_file "['configs/train.json','configs/multi_gpu_train.json']"
 
     Every rank reads the whole training list through a DistributedSampler (reshuffled each epoch by MONAI's
-    workflow); validation is split without padding; only rank 0 logs and saves.
+    workflow); validation is split without padding; only rank 0 logs and saves (see
+    :func:`distributed_overrides`, which also builds volseg's own multi-process setup).
     """
     imports = train_config(recipe)["imports"] + ["$import torch.distributed as dist"]
     return {
         "imports": imports,
-        "device": "$torch.device(f'cuda:{dist.get_rank()}')",
-        "network": {
-            "_target_": "torch.nn.parallel.DistributedDataParallel",
-            "module": "$@network_def.to(@device)",
-            "device_ids": ["@device"],
-        },
-        "train#sampler": {
-            "_target_": "DistributedSampler",
-            "dataset": "@train#dataset",
-            "even_divisible": True,
-            "shuffle": True,
-        },
-        "train#dataloader#sampler": "@train#sampler",
-        "train#dataloader#shuffle": False,
-        "train#trainer#train_handlers": "$@train#handlers[: -2 if dist.get_rank() > 0 else None]",
-        "validate#sampler": {
-            "_target_": "DistributedSampler",
-            "dataset": "@validate#dataset",
-            "even_divisible": False,
-            "shuffle": False,
-        },
-        "validate#dataloader#sampler": "@validate#sampler",
-        "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
+        **distributed_overrides(recipe),
         "initialize": [
             "$dist.is_initialized() or dist.init_process_group(backend='nccl')",
             "$torch.cuda.set_device(@device)",
@@ -746,6 +841,16 @@ def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: s
         f"intensity: {recipe.data.intensity.model_dump() if recipe.data.intensity else 'none'}.",
         f"- Sliding window {list(recipe.roi_size)}, overlap {recipe.infer.overlap}, {recipe.infer.blend} blending; "
         "predictions are resampled back to the input grid.",
+        *(
+            []
+            if recipe.cascade is None
+            else [
+                f"- Two stages: this network is the coarse stage; `stages/fine/` is the fine stage's bundle (spacing "
+                f"{list(recipe.cascade.spacing)} mm), run on the crop around the coarse stage's region plus "
+                f"{recipe.cascade.margin_mm:g} mm. `volseg infer` runs both; `monai.bundle run` with "
+                "configs/inference.json runs the coarse stage only.",
+            ]
+        ),
         "",
         "## Training data",
         "",
