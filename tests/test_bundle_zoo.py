@@ -38,8 +38,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, SCHEMA, SCHEMA_MD5
 
-from tests.conftest import REPO, SCHEMA, SCHEMA_MD5
 from volseg.bundle import (
     inference_config,
     multi_gpu_train_config,
