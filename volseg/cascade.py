@@ -5,9 +5,10 @@ runs fine models on regions found by a coarse one. volseg's cascade is the regio
 fine stage only the region's voxels:
 
 1. the recipe's own network (the coarse stage, ``data.spacing``) segments the whole image;
-2. the box around the coarse stage's ``cascade.roi_labels`` (every connected object of at least a tenth of the
-   largest one's volume, so that a stray speck does not stretch it), plus ``cascade.margin_mm`` on every side,
-   is cropped from the input at the input's own resolution;
+2. the box around the coarse stage's ``cascade.roi_labels`` (each connected object of the region whose volume is
+   at least half that of the largest object of the same label, so that a stray island, say muscle taken for
+   liver, does not stretch it), plus ``cascade.margin_mm`` on every side, is cropped from the input at the
+   input's own resolution;
 3. the fine stage (``cascade.spacing``, ``cascade.patch_size``) segments the crop; inside the box its labels
    are the answer, outside it the coarse labels are kept for the labels that are not region labels.
 
@@ -35,8 +36,8 @@ from volseg.recipe import Recipe, recipe_from_dict
 FINE_DIR = "stages/fine"
 """Where the fine stage's bundle lives inside the cascade's bundle."""
 
-KEEP_FRACTION = 0.1
-"""Objects of the coarse region smaller than this fraction of the largest one do not widen the box."""
+KEEP_FRACTION = 0.5
+"""Objects of the coarse region smaller than this fraction of the largest one of their label do not widen the box."""
 
 
 def fine_recipe(recipe: Recipe) -> Recipe:
@@ -106,6 +107,29 @@ def region_box(
     )
 
 
+def region_mask(labels: np.ndarray, roi: Sequence[int], keep_fraction: float = KEEP_FRACTION) -> np.ndarray:
+    """The region's voxels whose connected object (of the union of the ``roi`` labels) is at least ``keep_fraction``
+    of the largest object of its label; an object's label is the region label it holds most of."""
+    from scipy import ndimage
+
+    union = np.isin(labels, list(roi))
+    objects, n = ndimage.label(union)
+    if n <= 1:
+        return union
+    sizes = np.bincount(objects.ravel(), minlength=n + 1)[1:]
+    owner = np.zeros(n, dtype=np.int64)
+    most = np.zeros(n, dtype=np.int64)
+    for value in roi:
+        count = np.bincount(objects[labels == value], minlength=n + 1)[1:]
+        take = count > most
+        owner[take], most[take] = value, count[take]
+    keep = np.zeros(n, dtype=bool)
+    for value in np.unique(owner):
+        mine = owner == value
+        keep[mine] = sizes[mine] >= keep_fraction * sizes[mine].max()
+    return np.isin(objects, np.flatnonzero(keep) + 1)
+
+
 def box_affine(affine: np.ndarray, box: Sequence[slice]) -> np.ndarray:
     """The affine of ``array[box]``: the same axes, the origin moved to the box's first voxel."""
     nd = len(box)
@@ -134,7 +158,7 @@ def refine(
     c = recipe.cascade
     assert c is not None
     roi = roi_values(recipe)
-    box = region_box(np.isin(coarse, roi), affine, c.margin_mm)
+    box = region_box(region_mask(coarse, roi), affine, c.margin_mm, keep_fraction=0.0)
     if box is None:
         return coarse, "the coarse stage found none of the fine stage's region; its labels are the answer"
     spatial = tuple(box) + (slice(None),) * (image.ndim - coarse.ndim)
@@ -201,22 +225,30 @@ def check_fine_stage(recipe: Recipe, bundle_dir: Path) -> Path:
 # Training
 
 
-def _load(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
-    """A training image or label as (array with spatial axes last... as stored, affine, nibabel header or None)."""
-    import nibabel as nib
+def _read_case_image(image: str | list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+    """A training case's image, one (i, j, k) array per channel file, and the affine (RAS)."""
+    from volseg.imageio import read_image
 
-    if path.endswith((".nii", ".nii.gz")):
-        img: Any = nib.load(path)
-        return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=float), img.header
-    from monai.transforms import LoadImage
+    arrays, affine = [], None
+    for path in image if isinstance(image, list) else [image]:
+        read = read_image(path)
+        arr = read.array if read.array.ndim == 3 else read.array.reshape(read.array.shape[:3] + (-1,))
+        arrays += [arr] if arr.ndim == 3 else [arr[..., c] for c in range(arr.shape[-1])]
+        affine = read.affine if affine is None else affine
+    assert affine is not None
+    return arrays, np.asarray(affine, dtype=float)
 
-    data = LoadImage(image_only=True)(path)
-    return np.asarray(data), np.asarray(data.affine, dtype=float), None
+
+def _read_case_label(path: str) -> np.ndarray:
+    from volseg.imageio import is_nifti, read_image, read_labels
+
+    if is_nifti(path):
+        return np.asarray(read_labels(path)[0])
+    return np.rint(read_image(path).array).astype(np.int32)
 
 
-def write_fine_dataset(
-    recipe: Recipe, cases: list[dict[str, str]], out_dir: Path, seed: int = 0
-) -> tuple[Path, list[str]]:
+def write_fine_dataset(recipe: Recipe, cases: list[dict[str, Any]], out_dir: Path, seed: int = 0
+                       ) -> tuple[Path, list[str]]:  # fmt: skip
     """Crops of ``cases`` around their reference region, as an MSD data set in ``out_dir`` (the cases' order).
 
     Every case gets its own per-side margins, drawn from ``cascade.train_margin_mm``; a case whose label holds
@@ -232,26 +264,22 @@ def write_fine_dataset(
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     items, names = [], []
     for i, case in enumerate(cases):
-        image, affine, header = _load(case["image"])
-        label, _, _ = _load(case["label"])
-        label = np.asarray(label)
-        if label.shape[-3:] != image.shape[-3:]:
-            raise UserError(f"label shape {label.shape} differs from the image's {image.shape}", case["label"])
+        channels, affine = _read_case_image(case["image"])
+        label = np.squeeze(_read_case_label(case["label"]))
+        if label.shape != channels[0].shape:
+            raise UserError(f"label shape {label.shape} differs from the image's {channels[0].shape}", case["label"])
         margins = rng.uniform(c.train_margin_mm[0], c.train_margin_mm[1], size=(3, 2))
-        box = region_box(np.isin(label[..., :, :, :] if label.ndim == 3 else label[0], roi), affine, margins, 0.0)
-        box = box or tuple(slice(0, n) for n in label.shape[-3:])
-        name = f"case_{i:04d}.nii.gz"
+        box = region_box(np.isin(label, roi), affine, margins, 0.0) or tuple(slice(0, n) for n in label.shape)
         crop_affine = box_affine(affine, box)
-        spatial = (slice(None),) * (image.ndim - 3) + tuple(box)
-        img_out = nib.Nifti1Image(np.ascontiguousarray(np.asarray(image)[spatial]), crop_affine, header)
-        if header is not None:
-            img_out.set_qform(crop_affine, int(header["qform_code"]) or 1)
-            img_out.set_sform(crop_affine, int(header["sform_code"]) or 1)
-        nib.save(img_out, str(out_dir / "imagesTr" / name))
-        lab = np.ascontiguousarray(label[(slice(None),) * (label.ndim - 3) + tuple(box)]).astype(np.uint8)
-        nib.save(nib.Nifti1Image(lab, crop_affine), str(out_dir / "labelsTr" / name))
-        items.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        names.append(Path(case["image"]).name)
+        files = []
+        for k, arr in enumerate(channels):
+            name = f"case_{i:04d}_{k:04d}.nii.gz" if len(channels) > 1 else f"case_{i:04d}.nii.gz"
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(arr[box]), crop_affine), str(out_dir / "imagesTr" / name))
+            files.append(f"./imagesTr/{name}")
+        lab = np.ascontiguousarray(label[box]).astype(np.uint8)
+        nib.save(nib.Nifti1Image(lab, crop_affine), str(out_dir / "labelsTr" / f"case_{i:04d}.nii.gz"))
+        items.append({"image": files if len(files) > 1 else files[0], "label": f"./labelsTr/case_{i:04d}.nii.gz"})
+        names.append(_first(case["image"]).name)
     meta = {
         "name": f"{recipe.name}_fine",
         "description": f"crops around {', '.join(map(str, roi))} for the fine stage of {recipe.name}",
@@ -303,12 +331,16 @@ def train_cascade(
             echo(f"fine stage: cropping {len(ordered)} cases around labels {roi_values(recipe)}")
             fine_root, names = write_fine_dataset(recipe, ordered, Path(tmp), seed=recipe.train.seed)
             f_train, f_val, _ = split_run_cases(fine, fine_root)
-            picked = [names[int(Path(c["image"]).name[5:9])] for c in f_val]
-            if picked != [Path(c["image"]).name for c in val_cases]:
+            picked = [names[int(Path(c["label"]).name[5:9])] for c in f_val]
+            if picked != [_first(c["image"]).name for c in val_cases]:
                 raise RuntimeError("the fine stage's validation split differs from the coarse stage's")
             echo(f"fine stage ({fine.model.name}, spacing {list(fine.data.spacing or [])} mm) into {fine_dir}")
             results.append(train(fine, fine_root, fine_dir, resume=started, echo=echo, **train_kwargs))
     return results[0], results[1]
+
+
+def _first(image: str | list[str]) -> Path:
+    return Path(image[0] if isinstance(image, list) else image)
 
 
 def _in_datalist_order(recipe: Recipe, data_root: str | Path) -> list[dict[str, str]]:

@@ -99,7 +99,11 @@ LOADING_OVERHEAD = 1.25
 #: On a CPU with a time budget the patch shrinks (re-measured) until the budget gives this many iterations.
 MIN_ITERATIONS = 500
 #: A cascade's fine stage with small objects: its patch is fitted to leave this many iterations in its budget.
-FINE_MIN_ITERATIONS = 2000
+FINE_MIN_ITERATIONS = 1500
+#: A cascade's coarse stage: its patch is fitted to leave this many iterations in its share of the budget.
+COARSE_MIN_ITERATIONS = 1000
+#: A cascade's coarse stage multiplies the finest target spacing by at least this much.
+COARSE_FACTOR = 3.0
 
 Reason = str
 Fingerprint = dict[str, Any]
@@ -922,8 +926,9 @@ def determine_cascade(
     """Two stages when nnU-Net would plan a cascade (the patch covers less than 1/4 of the median image) or a label's
     objects are small at the target spacing, and the labelled region is a small part of the image (a crop around it
     saves at least half the voxels): a coarse stage finds the region over the whole image, and a fine stage at the
-    target spacing segments the crop around it (:mod:`volseg.cascade`). The coarse spacing doubles the finest axis
-    (or more, until the patch covers a quarter of the image); axes already coarser keep theirs."""
+    target spacing segments the crop around it (:mod:`volseg.cascade`). The coarse spacing is the finest axis times
+    :data:`COARSE_FACTOR` (or more, until the patch covers a quarter of the image); axes already coarser keep
+    theirs."""
     median = _median_shape_at(fp, spacing, cropped)
     coverage = float(np.prod(np.minimum(np.asarray(patch, dtype=np.float64), median)) / np.prod(median))
     small = _small_labels(fp, spacing)
@@ -943,7 +948,9 @@ def determine_cascade(
             f"; but the labelled region plus {CASCADE_MARGIN_MM:g} mm is {fraction:.0%} of the median image, so a "
             "crop would not save enough: one stage"
         )
-    factor = max(2.0, (CASCADE_COVERAGE / coverage) ** (1.0 / len(patch)) if coverage < CASCADE_COVERAGE else 2.0)
+    factor = max(
+        COARSE_FACTOR, (CASCADE_COVERAGE / coverage) ** (1.0 / len(patch)) if coverage < CASCADE_COVERAGE else 1
+    )
     finest = float(min(spacing))
     coarse = [round(max(float(s), finest * factor), 4) for s in spacing]
     decision.update(stages=2, applied=True, coarse_spacing=coarse, fine_spacing=list(spacing),
@@ -1350,7 +1357,9 @@ def plan_recipe(
     fine = None
     if cascade["applied"]:
         share = None if time_budget_s is None else time_budget_s * CASCADE_COARSE_SHARE
-        stage = plan_stage(fp, cascade["coarse_spacing"], crop=crop, time_budget_s=share)
+        stage = plan_stage(
+            fp, cascade["coarse_spacing"], crop=crop, time_budget_s=share, iterations=COARSE_MIN_ITERATIONS
+        )
         stage.sampling = {"sampler": "pos_neg", "pos_fraction": 0.67}
         stage.why["sampling"] = "the coarse stage finds the region: 2/3 of the crops centred on foreground"
         fine_budget = None if time_budget_s is None else time_budget_s - share  # type: ignore[operator]
