@@ -107,7 +107,8 @@ def test_nnunet_raw_dataset(tmp_path: Path) -> None:
         (lambda r: (r / "imagesTr" / "b_0000.nii.gz").rename(r / "imagesTr" / "b_0001.nii.gz"), "b has channels [1]"),
         (lambda r: _nnunet(r, ["a", "b"], numTraining=3), "numTraining 3, imagesTr holds 2"),
         (lambda r: _nnunet(r, ["a", "b"], labels={"background": 0, "whole": [1, 2]}), "region-based labels (whole"),
-        (lambda r: _nnunet(r, ["a", "b"], channels=2), "2 channels stored as separate files"),
+        (lambda r: (_nnunet(r, ["a", "b"], channels=2), (r / "imagesTr" / "b_0001.nii.gz").unlink()),
+         "case b has channels [0], dataset.json names 2"),
         (lambda r: _nnunet(r, ["a", "b"], file_ending="nii"), "needs 'file_ending'"),
     ],
 )  # fmt: skip

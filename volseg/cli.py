@@ -244,13 +244,15 @@ def infer(
             timeout=(timeout, 30 * timeout), echo=_echo,
         )  # fmt: skip
         return
+    from volseg.data.channels import stacked_inputs
     from volseg.infer import run_inference
 
-    written, failures = run_inference(
-        inputs, output or Path("predictions"), bundle, device, echo=_echo, formats=format_, series_uid=series,
-        probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle, qc=qc,
-        precision=precision, overrides=set_,
-    )  # fmt: skip
+    with stacked_inputs(inputs, bundle) as cases:  # nnU-Net channel files (<case>_0000, _0001, ...): one case
+        written, failures = run_inference(
+            cases, output or Path("predictions"), bundle, device, echo=_echo, formats=format_, series_uid=series,
+            probabilities=save_probabilities, nproc_per_node=nproc_per_node, engine=engine, trust=trust_bundle,
+            qc=qc, precision=precision, overrides=set_,
+        )  # fmt: skip
     if failures:
         _echo(f"{len(failures)} of {len(failures) + len(written)} input(s) failed:")
         for src, why in failures:

@@ -298,7 +298,7 @@ def rewrite_bundle(bundle_dir: str | Path, echo: Any = print) -> list[str]:
     cases = {k: kept.get(k) for k in ("train_cases", "val_cases")}
     for key, value in cases.items():
         ok = isinstance(value, list) and all(
-            isinstance(c, dict) and all(isinstance(v, str) for v in c.values()) for c in value
+            isinstance(c, dict) and all(_case_path(v) for v in c.values()) for c in value
         )
         cases[key] = value if ok else None
     dataset_dir = kept.get("dataset_dir")
@@ -327,6 +327,13 @@ def rewrite_bundle(bundle_dir: str | Path, echo: Any = print) -> list[str]:
     for rel in sorted(removed):
         echo(f"removed {rel}")
     return sorted(removed)
+
+
+def _case_path(value: Any) -> bool:
+    """A case's file: a path, or a list of channel files."""
+    return isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    )
 
 
 def safe_torch_load(path: str | Path) -> Any:

@@ -8,7 +8,10 @@ files must share one grid: :func:`read_channels` checks it and stacks them chann
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +78,68 @@ def stack_channels(paths: Sequence[str | Path], out: str | Path) -> Path:
     with atomic_path(out) as tmp:
         nib.save(img, str(tmp))
     return Path(out)
+
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii\.gz|\.nii)$", re.IGNORECASE)
+
+
+def group_channel_files(paths: Sequence[Path], in_channels: int) -> list[Path | list[Path]]:
+    """Inputs for a model of ``in_channels`` channels: files named ``<case>_0000`` ... ``<case>_000{n-1}`` (nnU-Net's
+    channel files) become one case (the list of them, in channel order); any other input stays as it is.
+
+    Raises:
+        UserError: a case's channel files are not exactly ``0000`` to the model's last channel.
+    """
+    if in_channels < 2:
+        return list(paths)
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    order: list[Path | tuple[Path, str]] = []
+    for p in paths:
+        m = _CHANNEL_FILE.match(p.name)
+        if m is None or p.is_dir():
+            order.append(p)
+            continue
+        key = (p.parent, m["case"])
+        if key not in groups:
+            groups[key] = {}
+            order.append(key)  # the case's place among the inputs
+        groups[key][int(m["channel"])] = p
+    out: list[Path | list[Path]] = []
+    for item in order:
+        if isinstance(item, Path):
+            out.append(item)
+            continue
+        files = groups[item]
+        if sorted(files) != list(range(in_channels)):
+            where = files[min(files)]
+            raise UserError(f"case {item[1]} has channel files {sorted(files)}; the model takes {in_channels}", where)
+        out.append([files[k] for k in range(in_channels)])
+    return out
+
+
+@contextmanager
+def stacked_inputs(inputs: list[str], bundle: Path | None) -> Iterator[list[str]]:
+    """``volseg infer``'s inputs with each case's nnU-Net channel files (``<case>_0000.nii.gz``,
+    ``<case>_0001.nii.gz``, ...) stacked into one 4D NIfTI, ``<case>.nii.gz`` in a temporary folder (so the output
+    is ``<case>_seg.nii.gz``), when the bundle's model takes several channels; other inputs are kept as given."""
+    from volseg.bundle import RECIPE_FILE, read_bundle_recipe
+    from volseg.infer import expand_inputs, find_latest_run
+
+    if any("://" in item for item in inputs):
+        yield inputs
+        return
+    root = bundle or find_latest_run()
+    n = read_bundle_recipe(root).model.in_channels if (root / RECIPE_FILE).is_file() else 1
+    grouped = group_channel_files(expand_inputs(inputs), n) if n > 1 else []
+    if not any(isinstance(g, list) for g in grouped):
+        yield inputs
+        return
+    with tempfile.TemporaryDirectory(prefix="volseg-channels-") as tmp:
+        out = []
+        for i, item in enumerate(grouped):
+            if isinstance(item, list):
+                m = _CHANNEL_FILE.match(item[0].name)
+                case = m["case"] if m else item[0].name
+                item = stack_channels(item, Path(tmp) / str(i) / f"{case}.nii.gz")
+            out.append(str(item))
+        yield out

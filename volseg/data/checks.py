@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from volseg.data.channels import image_files
 from volseg.data.datalist import load_datalist
 from volseg.errors import UserError
 from volseg.imageio import READ_ERRORS, ImageFile, open_image, read_reason
@@ -163,20 +164,27 @@ def check_data(recipe: Recipe, data_root: str | Path) -> CheckReport:
     seen_classes: set[int] = set()
     labels_read = 0
     by_size: dict[tuple[bool, int], list[Path]] = {}
+    nd = recipe.model.spatial_dims
     for case in cases:
-        image_path, label_path = Path(case["image"]), Path(case["label"])
-        by_size.setdefault(_size_of(image_path), []).append(image_path)
-        image = _read(report, image_path, partial(open_image, image_path))
+        label_path = Path(case["label"])
         label = _read(report, label_path, partial(open_image, label_path))
-        if image is not None:
-            _check_image_dims(report, image, recipe)
-            _check_spacing(report, image, recipe.model.spatial_dims)
         if label is not None:
-            _check_label_dims(report, label, recipe.model.spatial_dims)
-        nd = recipe.model.spatial_dims
-        if image is not None and label is not None and min(len(image.shape), len(label.shape)) >= nd:
-            _check_pair(report, image, label, nd)
-        if image is not None:
+            _check_label_dims(report, label, nd)
+        files = image_files(case["image"])  # several when each channel is a file of its own (nnU-Net)
+        if len(files) > 1 and len(files) != recipe.model.in_channels:
+            report.add("error", files[0], f"{len(files)} channel files; model.in_channels {recipe.model.in_channels}")
+        for image_path in files:
+            by_size.setdefault(_size_of(image_path), []).append(image_path)
+            image = _read(report, image_path, partial(open_image, image_path))
+            if image is None:
+                continue
+            if len(files) == 1:
+                _check_image_dims(report, image, recipe)
+            elif len(image.shape) != nd:
+                report.add("error", image_path, f"a channel file must be {nd}D, not {_dims_text(image.shape)}")
+            _check_spacing(report, image, nd)
+            if label is not None and min(len(image.shape), len(label.shape)) >= nd:
+                _check_pair(report, image, label, nd)
             stored = _read(report, image_path, image.voxels)
             if stored is not None:
                 _check_finite(report, image_path, stored)

@@ -3,7 +3,8 @@
 Four sources are understood:
 
 - an nnU-Net v2 raw data set (``DatasetXXX_Name/`` with a ``dataset.json`` holding ``channel_names``, ``labels`` and
-  ``file_ending``; ``imagesTr/<case>_0000<file_ending>`` and ``labelsTr/<case><file_ending>``), single-channel;
+  ``file_ending``; ``imagesTr/<case>_0000<file_ending>`` and ``labelsTr/<case><file_ending>``); with several
+  channels (``<case>_0000``, ``<case>_0001``, ...) a case's ``image`` is the list of its channel files, in order;
 - an MSD-style folder with ``dataset.json`` (``training``: list of ``{"image", "label"}``, paths relative to the
   folder), as in the Medical Segmentation Decathlon;
 - a folder with ``images/`` and ``labels/`` (or ``imagesTr/`` and ``labelsTr/``) whose files are matched by name;
@@ -117,16 +118,16 @@ def _from_nnunet(root: Path, meta: dict) -> list[Case]:
         missing = [i for i in range(n) if i not in files]
         if missing or len(files) != n:
             raise UserError(f"case {case} has channels {sorted(files)}, dataset.json names {n}", root / "imagesTr")
-    if n > 1:
-        raise UserError(
-            f"{n} channels stored as separate files (<case>_0000..{n - 1:04d}{ending}); volseg reads a multi-channel "
-            "image as one 4D file: stack the channels into one file per case",
-            js,
-        )
     declared = meta.get("numTraining")
     if isinstance(declared, int) and declared != len(images):
         raise UserError(f"dataset.json says numTraining {declared}, imagesTr holds {len(images)} cases", js)
-    return _paired({k: v[0] for k, v in images.items()}, labels, root / "imagesTr", root / "labelsTr")
+    cases = _paired({k: v[0] for k, v in images.items()}, labels, root / "imagesTr", root / "labelsTr")
+    if n > 1:  # one file per channel: the image is the list of them, which MONAI's LoadImaged stacks as channels
+        by_first = {str(files[0].resolve()): files for files in images.values()}
+        for item in cases:
+            files = by_first[item["image"]]
+            item["image"] = [str(files[i].resolve()) for i in range(n)]  # type: ignore[assignment]
+    return cases
 
 
 def _paired(images: dict[str, Path], labels: dict[str, Path], img_dir: Path, lab_dir: Path) -> list[Case]:
@@ -195,7 +196,7 @@ def load_datalist(root: str | Path, source: str = "auto") -> list[Case]:
         cases = _from_msd(root)
     else:
         cases = _from_folder(root)
-    images = [c["image"] for c in cases]
+    images = [c["image"] if isinstance(c["image"], str) else c["image"][0] for c in cases]
     if len(set(images)) != len(images):
         dup = next(x for x in images if images.count(x) > 1)
         raise UserError(f"image listed twice: {dup}", root)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from volseg.data.channels import image_files
 from volseg.data.datalist import case_id, load_datalist
 from volseg.errors import UserError
 
@@ -105,8 +106,16 @@ def export_nnunet(
         (tmp / "labelsTr").mkdir()
         channels: set[int] = set()
         for case in cases:
-            cid = case_id(case["image"])
-            channels.add(_write_image(Path(case["image"]), tmp / "imagesTr" / cid))
+            files = image_files(case["image"])
+            cid = case_id(files[0])
+            if len(files) == 1:
+                channels.add(_write_image(files[0], tmp / "imagesTr" / cid))
+            else:  # one file per channel already (an nnU-Net data set): each becomes <case>_000k
+                for k, src in enumerate(files):
+                    if _write_image(src, tmp / "imagesTr" / f"{cid}.part") != 1:
+                        raise UserError("a channel file holds more than one channel", src)
+                    (tmp / "imagesTr" / f"{cid}.part_0000.nii.gz").rename(tmp / "imagesTr" / f"{cid}_{k:04d}.nii.gz")
+                channels.add(len(files))
             n = _write_image(Path(case["label"]), tmp / "labelsTr" / cid)
             if n != 1:
                 raise UserError("a label map has more than one channel", case["label"])
