@@ -209,7 +209,9 @@ def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
     assert r["cascade"]["spacing"] == target
     # The coarse stage: the finest axis times COARSE_FACTOR at least, and every axis at least as coarse as the target.
     coarse = r["data"]["spacing"]
-    assert min(coarse) >= P.COARSE_FACTOR * min(target) - 1e-6 and all(c >= t for c, t in zip(coarse, target, strict=True))
+    assert min(coarse) >= P.COARSE_FACTOR * min(target) - 1e-6 and all(
+        c >= t for c, t in zip(coarse, target, strict=True)
+    )
     # The fine stage's patch is no larger than its crops at the target spacing (plus rounding to the strides).
     crop_vox = [(f + 2 * P.CASCADE_MARGIN_MM) / t for f, t in zip((200.0, 180.0, 200.0), target, strict=True)]
     assert all(p <= c + 32 for p, c in zip(r["cascade"]["patch_size"], crop_vox, strict=True))
@@ -329,6 +331,19 @@ def test_fingerprint_of_phantoms(tmp_path: Path) -> None:
     assert P.determine_modality(fp)[0] == "CT"  # HU-like intensities, no dataset.json
     ch = fp["channels"][0]
     assert ch["p00_5"] < ch["mean"] < ch["p99_5"]
+    # The labelled extent in mm, RAS order: the box of the label's voxels times the spacing.
+    import nibabel as nib
+
+    lab = nib.load(tmp_path / "ds" / "labels" / "case0.nii.gz")
+    idx = np.argwhere(np.asarray(lab.dataobj) > 0)
+    stored = (idx.max(0) - idx.min(0) + 1) * np.asarray(lab.header.get_zooms()[:3])
+    ornt = nib.orientations.io_orientation(lab.affine)[:, 0].astype(int)  # stored axis -> RAS axis
+    ras = np.zeros(3)
+    ras[ornt] = stored
+    np.testing.assert_allclose(fp["cases"][0]["foreground_mm"], ras, atol=0.02)
+    assert all(
+        0 < f <= s * n + 1e-6 for f, s, n in zip(ras, fp["cases"][0]["spacing"], fp["cases"][0]["shape"], strict=True)
+    )
     # The same cases listed in a CSV give the same fingerprint, named after the CSV.
     rows = [f"images/case{i}.nii.gz,labels/case{i}.nii.gz" for i in range(4)]
     (tmp_path / "ds" / "cases.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
