@@ -1265,7 +1265,12 @@ def _cascade_section(fine: _Stage, train: dict[str, Any], margin: float) -> tupl
         "cascade.model_args": fine.why["topology"] + "; " + fine.why["widths"],
         "cascade.sampler": fine.why["sampling"],
         "cascade.max_epochs": fine.why["schedule"] + f"; {fine.why['step']}",
+        "cascade.iterations_per_epoch": fine.why["schedule"] + f"; {fine.why['step']}",
+        "cascade.val_interval": "see iterations_per_epoch",
+        "cascade.batch_size": fine.why["batch"],
     }
+    if "max_epochs" in section:
+        why["cascade.iterations_per_epoch"] = why["cascade.val_interval"] = "see max_epochs"
     return section, {k: v for k, v in why.items() if k.split(".")[-1] in section or k == "cascade"}
 
 
