@@ -153,7 +153,8 @@ def test_train_and_infer_on_two_channels(tmp_path: Path) -> None:
     from volseg.cli import main
 
     out = tmp_path / "pred"
-    assert main(["infer", *case["image"], "--bundle", str(run), "--output", str(out), "--device", "cpu"]) == 0
+    args = ["--bundle", str(run), "--output", str(out), "--device", "cpu", "--precision", "fp32"]
+    assert main(["infer", *case["image"], *args]) == 0
     written = nib.load(str(out / "case_000_seg.nii.gz"))
     assert np.array_equal(np.asarray(written.dataobj), fast.labels)
     assert [p.name for p in out.iterdir()] == ["case_000_seg.nii.gz"]
