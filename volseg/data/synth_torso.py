@@ -247,9 +247,8 @@ class _Painter:
             return None
         box, occ = found
         v = self.hu[name] if value is None else value
-        if textured:
-            v = (v + self.texture_amp.get(name, 3.0) * self.texture[box]).astype(np.float32)
-        _paint(self.model_hu, box, occ, v)
+        painted = (v + self.texture_amp.get(name, 3.0) * self.texture[box]).astype(np.float32) if textured else v
+        _paint(self.model_hu, box, occ, painted)
         if self.after_liver:
             self.liver_occ[box] *= 1.0 - occ
         return box, occ
