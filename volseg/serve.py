@@ -560,21 +560,8 @@ def create_app(
             ``stop(timeout)`` (a :class:`volseg.pacs.OrthancWatcher`), started then and stopped at shutdown.
     """
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    if engine not in ("fast", "onnx", "monai"):
-        raise UserError(f"unknown engine '{engine}'; known: fast, onnx, monai", "--engine")
-    for label, value, low in (
-        ("max-queue", max_queue, 0),
-        ("workers", workers, 1),
-        ("max-zip-files", max_zip_files, 1),
-    ):
-        if value < low:
-            raise UserError(f"--{label} must be at least {low}", f"--{label}")
-    if max_upload_mb <= 0 or timeout_s <= 0:
-        raise UserError("--max-upload-mb and --timeout must be positive", "--timeout")
+    _check_limits(engine, max_queue, workers, max_zip_files, max_upload_mb, timeout_s)
     named = parse_bundles(bundles)
     limits = Limits(max_queue, max_upload_mb, timeout_s, workers, max_zip_files, max_unzipped_mb)
 
@@ -598,23 +585,59 @@ def create_app(
     app = FastAPI(title="volseg", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
 
-    def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+    _add_error_handlers(app)
+    _add_status_routes(app, service)
+    _add_segment_route(app, service, limits)
+    return app
+
+
+def _check_limits(engine: str, max_queue: int, workers: int, max_zip_files: int, max_upload_mb: float,
+                  timeout_s: float) -> None:  # fmt: skip
+    """The serve options a person gave, checked (one line naming the option when wrong)."""
+    if engine not in ("fast", "onnx", "monai"):
+        raise UserError(f"unknown engine '{engine}'; known: fast, onnx, monai", "--engine")
+    for label, value, low in (
+        ("max-queue", max_queue, 0),
+        ("workers", workers, 1),
+        ("max-zip-files", max_zip_files, 1),
+    ):
+        if value < low:
+            raise UserError(f"--{label} must be at least {low}", f"--{label}")
+    if max_upload_mb <= 0 or timeout_s <= 0:
+        raise UserError("--max-upload-mb and --timeout must be positive", "--timeout")
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Any:
+    """The JSON error answer: ``{"error": message}``."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every refusal as one JSON line: service errors, HTTP errors and invalid requests."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error(exc.status, exc.message, exc.headers)
+    async def _service_error(request: Request, exc: ServiceError) -> Any:
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
         text = exc.detail if isinstance(exc.detail, str) else "request refused"
-        return error(exc.status_code, " ".join(text.split()), exc.headers)
+        return _error(exc.status_code, " ".join(text.split()), exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Any:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return error(422, f"{where}: {first.get('msg', 'invalid request')}"[:300])
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}"[:300])
+
+
+def _add_status_routes(app: Any, service: Service) -> None:
+    """``/healthz``, ``/readyz`` and ``/v1/models``."""
+    from fastapi.responses import JSONResponse
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -628,7 +651,7 @@ def create_app(
                 out["watching"] = str(getattr(service.watcher, "url", ""))
             return out
         if service.state == "failed":
-            return error(503, f"loading the models failed: {service.error}")
+            return _error(503, f"loading the models failed: {service.error}")
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/v1/models")
@@ -636,6 +659,11 @@ def create_app(
         _require_ready(service)
         default = next(iter(service.models))
         return {"models": [{**m.info, "default": m.name == default} for m in service.models.values()]}
+
+
+def _add_segment_route(app: Any, service: Service, limits: Limits) -> None:
+    """``POST /v1/segment``: admit, receive the upload within the deadline, segment on a worker, answer the file."""
+    from fastapi.responses import Response
 
     @app.post("/v1/segment")
     async def segment(
@@ -700,8 +728,6 @@ def create_app(
             if not handed_off:
                 shutil.rmtree(folder, ignore_errors=True)
                 service.release(seconds)
-
-    return app
 
 
 def _retrieve(fut: Any) -> None:
