@@ -40,7 +40,7 @@ def main() -> None:
 
     settings = {f: [] if f == "none" else [int(a) for a in f.split(",")] for f in args.flips}
     predictors = {
-        f: Predictor(args.bundle, args.device, overrides=[f"infer.tta_flips={json.dumps(axes)}"])
+        f: Predictor.from_bundle(args.bundle, args.device, overrides=[f"infer.tta_flips={json.dumps(axes)}"])
         for f, axes in settings.items()
     }
     some = next(iter(predictors.values()))

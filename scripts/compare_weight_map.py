@@ -48,7 +48,7 @@ def score_run(run_dir: Path, data: Path, min_size: int) -> dict[str, Any]:
     from volseg.metrics import dice, instances_from_semantic, merged_pairs, object_f1
 
     meta = json.loads((data / "dataset.json").read_text())
-    predictor = Predictor(run_dir, "cpu")
+    predictor = Predictor.from_bundle(run_dir, "cpu")
     per_case = []
     for rel in meta["test"]:
         image = (data / rel).resolve()

@@ -88,7 +88,7 @@ def test_both_engines_replace_nan_voxels_alike_and_say_so(tmp_path: Path) -> Non
     net = random_net(recipe)
     img, affine, src = _nan_head(tmp_path)
     engine = FastEngine(recipe, net, torch.device("cpu"), "fp32")
-    ours, _ = engine.segment(img, affine)
+    ours, _ = engine.segment_array(img, affine)
     assert np.isnan(img).sum() == 2896  # the caller's array is left as it was
     top = float(img[np.isfinite(img)].max())
     assert engine.notes == [
@@ -97,7 +97,7 @@ def test_both_engines_replace_nan_voxels_alike_and_say_so(tmp_path: Path) -> Non
     ]
     # The same labels as for the image with the replacement made by hand: nothing else changed.
     filled = np.where(np.isnan(img), -1000.0, np.where(np.isinf(img), top, img))
-    by_hand, _ = FastEngine(recipe, net, torch.device("cpu"), "fp32").segment(filled.astype(np.float32), affine)
+    by_hand, _ = FastEngine(recipe, net, torch.device("cpu"), "fp32").segment_array(filled.astype(np.float32), affine)
     np.testing.assert_array_equal(ours, by_hand)
     head = np.isfinite(img) & (img > -1000)
     assert 0.05 < (ours[head] == 1).mean() < 0.95  # a segmentation, not all background
@@ -120,7 +120,7 @@ def test_an_image_without_a_finite_voxel_is_refused(tmp_path: Path) -> None:
     recipe = _recipe()
     engine = FastEngine(recipe, random_net(recipe), torch.device("cpu"), "fp32")
     with pytest.raises(UserError, match="no finite voxel"):
-        engine.segment(np.full((20, 20, 10), np.nan, np.float32), np.eye(4))
+        engine.segment_array(np.full((20, 20, 10), np.nan, np.float32), np.eye(4))
 
 
 def test_check_data_reports_nan_and_inf_images(tmp_path: Path) -> None:
@@ -314,6 +314,6 @@ def test_a_recipe_the_fast_engine_cannot_run_falls_back_to_the_monai_chain(tmp_p
     notes = [line for line in out.out.splitlines() if line.startswith("note:")]
     assert notes == ["note: the fast engine has no such step: the bundle's MONAI chain runs it"], out.out
     assert nib.load(str(tmp_path / "out" / "scan_seg.nii.gz")).shape == (30, 30, 20)
-    assert Predictor(bundle, "cpu").fast is None
+    assert Predictor.from_bundle(bundle, "cpu").fast is None
     with pytest.raises(UserError, match="--set needs the fast engine"):
-        Predictor(bundle, "cpu", overrides=["infer.overlap=0.5"])
+        Predictor.from_bundle(bundle, "cpu", overrides=["infer.overlap=0.5"])

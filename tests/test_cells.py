@@ -383,7 +383,7 @@ def test_cells_train_and_infer_png(tmp_path: Path) -> None:
     result = train(r, data, tmp_path / "run", echo=lambda s: None, progress=False)
     assert result.epochs == 1
     assert (tmp_path / "run" / "scripts" / "weightmap.py").is_file()
-    pred = Predictor(tmp_path / "run", "cpu").predict(data / "imagesTs" / "cell_004.png")
+    pred = Predictor.from_bundle(tmp_path / "run", "cpu").predict(data / "imagesTs" / "cell_004.png")
     assert pred.labels.shape == (256, 256) and pred.labels.dtype == np.uint8
     # volseg infer writes a PNG label map in the input's row/column layout.
     from PIL import Image

@@ -58,7 +58,7 @@ def test_two_gloo_processes_match_one_process(tiny_data: Path, tiny_recipe_path:
         assert not any(k.startswith("module.") for k in weights), name
     from volseg.infer import Predictor
 
-    Predictor(tmp_path / "multi", "cpu")  # loads the weights into the plain network
+    Predictor.from_bundle(tmp_path / "multi", "cpu")  # loads the weights into the plain network
 
 
 def test_torchrun_launch(tiny_data: Path, tiny_recipe_path: Path, tmp_path: Path) -> None:

@@ -230,18 +230,18 @@ def test_labels_only_in_the_foreground_box_equal_resampling_everything(seed: int
 def test_read_nifti_applies_scaling_in_float32(tmp_path) -> None:
     import nibabel as nib
 
-    from volseg.fastpath import read_nifti
+    from volseg.imageio import read_image
 
     data = np.arange(-60, 60, dtype=np.int16).reshape(4, 5, 6)
     img = nib.Nifti1Image(data, np.diag([0.7, 0.8, 2.5, 1.0]))
     img.header.set_slope_inter(0.5, -1024.0)
     nib.save(img, tmp_path / "s.nii.gz")
-    arr, affine, _ = read_nifti(tmp_path / "s.nii.gz")
-    assert arr.dtype == np.float32
-    np.testing.assert_array_equal(arr, data * 0.5 - 1024.0)
-    np.testing.assert_allclose(affine, np.diag([0.7, 0.8, 2.5, 1.0]))
+    image = read_image(tmp_path / "s.nii.gz")
+    assert image.array.dtype == np.float32
+    np.testing.assert_array_equal(image.array, data * 0.5 - 1024.0)
+    np.testing.assert_allclose(image.affine, np.diag([0.7, 0.8, 2.5, 1.0]))
     nib.save(nib.Nifti1Image(data.astype(np.int32) * 1000, np.eye(4)), tmp_path / "i32.nii")
-    np.testing.assert_array_equal(read_nifti(tmp_path / "i32.nii")[0], data.astype(np.float32) * 1000)
+    np.testing.assert_array_equal(read_image(tmp_path / "i32.nii").array, data.astype(np.float32) * 1000)
 
 
 def test_label_counts_any_layout() -> None:
@@ -271,15 +271,15 @@ def test_fp32_and_bf16_agree(trained_bundle, tmp_path) -> None:
     from volseg.infer import Predictor
 
     ph = liver_ct_phantom(5, shape=(56, 48, 24), axcodes="LPS")
-    exact = Predictor(trained_bundle, "cpu", precision="fp32")
-    half = Predictor(trained_bundle, "cpu", precision="bf16")
+    exact = Predictor.from_bundle(trained_bundle, "cpu", precision="fp32")
+    half = Predictor.from_bundle(trained_bundle, "cpu", precision="bf16")
     assert exact.fast is not None and not exact.fast.bf16 and half.fast.bf16
-    a, _ = exact.fast.segment(ph.image.astype(np.float32), ph.affine)
-    b, _ = half.fast.segment(ph.image.astype(np.float32), ph.affine)
+    a, _ = exact.fast.segment_array(ph.image.astype(np.float32), ph.affine)
+    b, _ = half.fast.segment_array(ph.image.astype(np.float32), ph.affine)
     assert (a == b).mean() > 0.995
     assert_agreement(a, b, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.98)
     with pytest.raises(UserError, match="precision"):
-        Predictor(trained_bundle, "cpu", precision="fp8")
+        Predictor.from_bundle(trained_bundle, "cpu", precision="fp8")
 
 
 def test_inference_overrides(trained_bundle) -> None:
@@ -289,21 +289,21 @@ def test_inference_overrides(trained_bundle) -> None:
 
     sets = ["infer.blend=constant", "infer.postprocess.largest_component=[]", "data.crop_foreground=false",
             "infer.mirror_border=4"]  # fmt: skip
-    p = Predictor(trained_bundle, "cpu", overrides=sets)
+    p = Predictor.from_bundle(trained_bundle, "cpu", overrides=sets)
     r = p.fast.recipe
     assert (r.infer.blend, r.infer.postprocess.largest_component, r.data.crop_foreground) == ("constant", [], False)
     assert p.fast.keep == [] and r.infer.mirror_border == 4
     ph = liver_ct_phantom(5, shape=(48, 40, 20), axcodes="LPS")
-    labels, _ = p.fast.segment(ph.image.astype(np.float32), ph.affine)
-    plain, _ = Predictor(trained_bundle, "cpu").fast.segment(ph.image.astype(np.float32), ph.affine)
+    labels, _ = p.fast.segment_array(ph.image.astype(np.float32), ph.affine)
+    plain, _ = Predictor.from_bundle(trained_bundle, "cpu").fast.segment_array(ph.image.astype(np.float32), ph.affine)
     assert labels.shape == ph.image.shape and (labels == plain).mean() > 0.9  # fragments kept, no crop
     assert_agreement(labels, plain, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.9)
     for bad, why in [(["model.name=unet"], "cannot change at inference"), (["infer.roi_size=[8,8,8]"], "roi_size"),
                      (["infer.blend=box"], "blend")]:  # fmt: skip
         with pytest.raises(UserError, match=why):
-            Predictor(trained_bundle, "cpu", overrides=bad)
+            Predictor.from_bundle(trained_bundle, "cpu", overrides=bad)
     with pytest.raises(UserError, match="fast engine"):
-        Predictor(trained_bundle, "cpu", engine="monai", overrides=["infer.overlap=0.5"])
+        Predictor.from_bundle(trained_bundle, "cpu", engine="monai", overrides=["infer.overlap=0.5"])
 
 
 def test_folder_inference_matches_single_cases(trained_bundle, tmp_path) -> None:
@@ -325,7 +325,7 @@ def test_folder_inference_matches_single_cases(trained_bundle, tmp_path) -> None
     written, failures = run_inference([str(folder)], tmp_path / "out", trained_bundle, "cpu", echo=lines.append)
     assert [p.name for p in written] == ["case0_seg.nii.gz", "case1_seg.nii.gz", "case2_seg.nii.gz"]
     assert [f.name for f, _ in failures] == ["case1b.nii.gz"] and "gzip" in failures[0][1]
-    one = Predictor(trained_bundle, "cpu")
+    one = Predictor.from_bundle(trained_bundle, "cpu")
     for k in range(3):
         alone = one.predict(folder / f"case{k}.nii.gz").labels
         batch = np.asarray(nib.load(str(written[k])).dataobj)
@@ -355,12 +355,12 @@ def test_slab_plan_gives_the_whole_plans_labels(trained_bundle) -> None:
     from volseg.infer import Predictor
 
     ph = liver_ct_phantom(6, shape=(56, 48, 30), axcodes="LPS")
-    eng = Predictor(trained_bundle, "cpu", precision="fp32").fast
+    eng = Predictor.from_bundle(trained_bundle, "cpu", precision="fp32").fast
     assert eng._plan(10**9, 10**9, 10**6) == "whole"  # nothing to bound on the CPU
     eng.force_plan = "whole"
-    whole, _ = eng.segment(ph.image.astype(np.float32), ph.affine)
+    whole, _ = eng.segment_array(ph.image.astype(np.float32), ph.affine)
     eng.force_plan, eng.slab_bytes = "slabs", 56 * 48 * 4 * 5
-    slabs, _ = eng.segment(ph.image.astype(np.float32), ph.affine)
+    slabs, _ = eng.segment_array(ph.image.astype(np.float32), ph.affine)
     assert eng.plan == "slabs"
     assert (whole == slabs).mean() > 0.9999
     assert_agreement(whole, slabs, TINY_LABELS, truth=ph.label, floors=TINY_FLOORS, min_dice=0.999)
@@ -405,8 +405,8 @@ def test_fast_engine_agrees_with_the_bundle_chain_on_multichannel_mr(tmp_path) -
     affine[:3, 3] = (20.0, 30.0, -10.0)
     src = tmp_path / "mr.nii.gz"
     nib.save(nib.Nifti1Image(img, affine), src)
-    fast = Predictor(bundle, "cpu", precision="fp32")
-    chain = Predictor(bundle, "cpu", "monai")
+    fast = Predictor.from_bundle(bundle, "cpu", precision="fp32")
+    chain = Predictor.from_bundle(bundle, "cpu", "monai")
     assert fast.fast is not None and type(fast.network).__name__ == "UNetInference"
     a, b = fast.predict(src), chain.predict(src)
     assert a.labels.shape == b.labels.shape == img.shape[:3]
@@ -488,11 +488,11 @@ def test_mirroring_runs_on_both_engines_alike(tmp_path) -> None:
     bundle = write_random_bundle(tmp_path / "bundle", seed=10, recipe=raw)
     ph = liver_ct_phantom(7, shape=(48, 40, 20), axcodes="LPS")
     src = save_nifti(tmp_path / "ct.nii.gz", ph.image, ph.affine)
-    mirrored = Predictor(bundle, "cpu", precision="fp32")
+    mirrored = Predictor.from_bundle(bundle, "cpu", precision="fp32")
     assert any("trained without flips" in n for n in mirrored.notes)  # TINY_RECIPE trains with flip 0
     fast = mirrored.predict(src).labels
-    chain = Predictor(bundle, "cpu", "monai").predict(src).labels
-    plain = Predictor(bundle, "cpu", precision="fp32", overrides=["infer.tta_flips=[]"]).predict(src).labels
+    chain = Predictor.from_bundle(bundle, "cpu", "monai").predict(src).labels
+    plain = Predictor.from_bundle(bundle, "cpu", precision="fp32", overrides=["infer.tta_flips=[]"]).predict(src).labels
     # An untrained network (this seed) labels both classes inside the body; mirrored, the two engines agree, and
     # the mirrored labels are not the plain ones.
     body = ph.image > -500

@@ -67,7 +67,7 @@ def test_two_folds_make_an_ensemble_bundle(tiny_data: Path, tiny_recipe_path: Pa
     # Both engines average the two folds and agree.
     ph = liver_ct_phantom(9, shape=(48, 40, 20), axcodes="LPS")
     src = save_nifti(tmp_path / "ct.nii.gz", ph.image, ph.affine)
-    fast, chain = Predictor(run, "cpu", precision="fp32"), Predictor(run, "cpu", "monai")
+    fast, chain = Predictor.from_bundle(run, "cpu", precision="fp32"), Predictor.from_bundle(run, "cpu", "monai")
     assert len(fast.folds) == len(chain.folds) == 2
     a, b = fast.predict(src).labels, chain.predict(src).labels
     body = ph.image > -500

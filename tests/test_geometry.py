@@ -83,8 +83,8 @@ def test_fast_engine_agrees_with_the_bundle_chain(grid: str, trained_bundle: Pat
 
     ph = liver_ct_phantom(8, shape=(56, 48, 24), **GRIDS[grid])
     src = save_nifti(tmp_path / f"{grid}.nii.gz", ph.image, ph.affine)
-    fast = Predictor(trained_bundle, "cpu", "fast")
-    chain = Predictor(trained_bundle, "cpu", "monai")
+    fast = Predictor.from_bundle(trained_bundle, "cpu", "fast")
+    chain = Predictor.from_bundle(trained_bundle, "cpu", "monai")
     assert fast.fast is not None and chain.fast is None
     a, b = fast.predict(src), chain.predict(src)
     assert a.labels.shape == b.labels.shape == ph.image.shape

@@ -201,7 +201,7 @@ def test_fast_engine_equals_the_monai_chain_on_recipe(name: str, tmp_path: Path)
     nib.save(nib.Nifti1Image(img, affine), src)
     ref = monai_chain_labels(recipe, net, {"image": str(src)})
     engine = FastEngine(recipe, net, torch.device("cpu"), "fp32")
-    ours, _ = engine.segment(img, affine)
+    ours, _ = engine.segment_array(img, affine)
     assert ours.shape == ref.shape == img.shape
     head = img > 0
     for labels in (ours, ref):  # both classes, in quantity: not empty against empty
@@ -265,7 +265,7 @@ def test_fast_engine_tells_the_drift_once(monkeypatch) -> None:
     assert engine.engine_notes[0].startswith("warning: MONAI 1.")
     assert "fast engine was checked against MONAI >=0.1,<0.2" in engine.engine_notes[0]
     img, affine = _head_image()
-    engine.segment(img, affine)
+    engine.segment_array(img, affine)
     assert engine.notes == []  # per image: only what concerns the image
     monkeypatch.setattr(fp, "TESTED_MONAI", ("0.0", "99"))
     assert FastEngine(recipe, random_net(recipe), torch.device("cpu"), "fp32").engine_notes == []

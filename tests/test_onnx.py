@@ -52,8 +52,8 @@ def test_export_is_checked_and_has_dynamic_axes(exported: Path) -> None:
 
 
 def test_onnxruntime_logits_equal_torch_in_float32(exported: Path) -> None:
-    torch_net = Predictor(exported, "cpu", precision="fp32").network
-    ort_net = Predictor(exported, "cpu", engine="onnx").network
+    torch_net = Predictor.from_bundle(exported, "cpu", precision="fp32").network
+    ort_net = Predictor.from_bundle(exported, "cpu", engine="onnx").network
     assert isinstance(ort_net, onnx_engine.OnnxNetwork)
     gen = torch.Generator().manual_seed(1)
     for shape in [(1, 1, 16, 16, 16), (3, 1, 32, 16, 24), (2, 1, 48, 32, 16)]:
@@ -85,15 +85,15 @@ def test_missing_stale_or_bf16_onnx_is_one_line(exported: Path, tmp_path: Path) 
     bundle = tmp_path / "copy"
     shutil.copytree(exported, bundle)
     with pytest.raises(UserError, match="bf16|float32"):
-        Predictor(bundle, "cpu", engine="onnx", precision="bf16")
+        Predictor.from_bundle(bundle, "cpu", engine="onnx", precision="bf16")
     # Retrained after the export: the ONNX file no longer holds the bundle's weights.
     write_random_bundle(bundle, seed=4)
     with pytest.raises(UserError, match="not exported from this bundle's models/model.pt") as info:
-        Predictor(bundle, "cpu", engine="onnx")
+        Predictor.from_bundle(bundle, "cpu", engine="onnx")
     assert "volseg export-onnx" in str(info.value) and "\n" not in str(info.value)
     (bundle / "models" / "model.onnx").unlink()
     with pytest.raises(UserError, match=r"run `volseg export-onnx .*` first"):
-        Predictor(bundle, "cpu", engine="onnx")
+        Predictor.from_bundle(bundle, "cpu", engine="onnx")
 
 
 def test_torchscript_exporter_when_dynamo_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,4 +109,4 @@ def test_torchscript_exporter_when_dynamo_fails(tmp_path: Path, monkeypatch: pyt
     model = onnx.load(str(result.path))
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 1, "x", "y", "z"]
-    assert Predictor(bundle, "cpu", engine="onnx").fast is not None
+    assert Predictor.from_bundle(bundle, "cpu", engine="onnx").fast is not None

@@ -301,7 +301,7 @@ def test_watcher(orthanc: OrthancServer, trained_bundle: Path, tmp_path: Path, m
     for key, value in environment().items():
         if key.startswith("VOLSEG_DICOMWEB"):
             monkeypatch.setenv(key, value)
-    predictor = Predictor(trained_bundle, "cpu")
+    predictor = Predictor.from_bundle(trained_bundle, "cpu")
     state = tmp_path / "watch.json"
     lines: list[str] = []
 

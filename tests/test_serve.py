@@ -53,7 +53,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory, phantom) -> Path:
 @pytest.fixture(scope="module")
 def expected(bundle: Path, scan: Path) -> np.ndarray:
     """What the predictor gives for the scan; it must hold every label, or comparing with it checks little."""
-    labels = Predictor(bundle, "cpu").predict(scan).labels
+    labels = Predictor.from_bundle(bundle, "cpu").predict(scan).labels
     assert_labels_present(LABELS, labels, min_voxels=20)
     return labels
 
@@ -153,7 +153,7 @@ def test_segment_seg_nrrd(client: Any, scan: Path, expected: np.ndarray, tmp_pat
 
 
 def test_segment_nrrd_input(client: Any, scan: Path) -> None:
-    """An NRRD with its data attached: read by the bundle's MONAI chain, answered on the NRRD's grid."""
+    """An NRRD with its data attached: read with its geometry (volseg.imageio), answered on the NRRD's grid."""
     src: Any = nib.load(str(scan))
     img = np.asarray(src.dataobj).astype(np.int16)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ src.affine
@@ -170,8 +170,8 @@ def test_segment_nrrd_input(client: Any, scan: Path) -> None:
     labels = np.asarray(out.dataobj)
     assert labels.shape == img.shape
     np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)
-    # NRRD goes through the bundle's MONAI chain: the same labels as that chain on the NIfTI.
-    want = Predictor(client.app.state.service.bundles["tiny"], "cpu", engine="monai").predict(scan).labels
+    # NRRD is read like NIfTI and segmented by the same engine: the same labels as for the NIfTI.
+    want = Predictor.from_bundle(client.app.state.service.bundles["tiny"], "cpu").predict(scan).labels
     assert_labels_present(LABELS, want, min_voxels=20)
     np.testing.assert_array_equal(labels, want)
 
@@ -200,7 +200,7 @@ def test_dicom_seg_from_a_zipped_series(client: Any, phantom, tmp_path: Path) ->
     r = post(client, archive.getvalue(), "study.zip")
     assert r.status_code == 200, r.text
     labels = np.asarray(nifti_from(r.content).dataobj)
-    want = Predictor(client.app.state.service.bundles["tiny"], "cpu").predict(series).labels
+    want = Predictor.from_bundle(client.app.state.service.bundles["tiny"], "cpu").predict(series).labels
     assert_labels_present(LABELS, want, min_voxels=20)
     np.testing.assert_array_equal(labels, want)
 
@@ -317,7 +317,7 @@ def test_queue_full_is_503_and_nothing_is_lost(bundle: Path, scan: Path, expecte
     go, started = threading.Event(), threading.Semaphore(0)
     app = create_app(
         [bundle], max_queue=1, workers=1, work_dir=work,
-        predictor_factory=lambda p: BlockingPredictor(Predictor(p, "cpu"), go, started),
+        predictor_factory=lambda p: BlockingPredictor(Predictor.from_bundle(p, "cpu"), go, started),
     )  # fmt: skip
     service = app.state.service
     results: list[Any] = []
@@ -348,7 +348,7 @@ def test_timeout_is_504_and_the_folder_goes_when_the_case_ends(bundle: Path, sca
     go, started = threading.Event(), threading.Semaphore(0)
     app = create_app(
         [bundle], timeout_s=0.5, work_dir=work,
-        predictor_factory=lambda p: BlockingPredictor(Predictor(p, "cpu"), go, started),
+        predictor_factory=lambda p: BlockingPredictor(Predictor.from_bundle(p, "cpu"), go, started),
     )  # fmt: skip
     service = app.state.service
     with TestClient(app) as c:
@@ -368,7 +368,7 @@ def test_readyz_waits_for_the_models_and_reports_a_failed_load(bundle: Path, tmp
 
     def slow(path: Path) -> Predictor:
         assert release.wait(30)
-        return Predictor(path, "cpu")
+        return Predictor.from_bundle(path, "cpu")
 
     with TestClient(create_app([bundle], predictor_factory=slow, warmup=False)) as c:
         assert c.get("/healthz").status_code == 200

@@ -102,7 +102,7 @@ def test_unet_plusplus_deep_supervision_trains_and_bundles(
     result = train(recipe, tiny_data, tmp_path / "pp", echo=lambda s: None)
     assert result.epochs == 2 and result.losses[-1] < result.losses[0]
     assert (tmp_path / "pp" / "scripts" / "nets.py").is_file()
-    pred = Predictor(tmp_path / "pp", "cpu").predict(next((tiny_data / "imagesTr").glob("*.nii.gz")))
+    pred = Predictor.from_bundle(tmp_path / "pp", "cpu").predict(next((tiny_data / "imagesTr").glob("*.nii.gz")))
     assert pred.labels.ndim == 3 and pred.labels.max() <= 2
 
 

@@ -511,7 +511,7 @@ def watch_orthanc(
     from volseg.pacs import OrthancWatcher, WatchRules
 
     rules = WatchRules(tuple(modality) if modality else ("CT", "MR"), series_description)
-    predictor = Predictor(bundle or find_latest_run(), device)
+    predictor = Predictor.from_bundle(bundle or find_latest_run(), device)
     watcher = OrthancWatcher(
         url, predictor, state, rules=rules, poll_interval=poll, output=output, from_now=from_now,
         ca_bundle=ca_bundle, timeout=(timeout, 30 * timeout), echo=_echo,

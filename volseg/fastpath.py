@@ -3,8 +3,8 @@
 It computes what the bundle's MONAI chain computes (orient, resample to the recipe's spacing, intensity, crop to
 the foreground, sliding window, softmax, back to the input grid, argmax, largest component) with less work:
 
-- the input is read once (gzip through ISA-L when ``isal`` is installed) and never copied at full resolution
-  more than needed;
+- the input is read once (:func:`volseg.imageio.read_image`; NIfTI's gzip through ISA-L when ``isal`` is
+  installed) and never copied at full resolution more than needed;
 - reorientation is an axis permutation and flips of the array (no resampling), the spacing change is a separable
   linear interpolation whose inverse maps the same field of view back;
 - the way back to the input grid is done slab by slab: probabilities are upsampled in-plane for a few source slices
@@ -32,14 +32,15 @@ import re
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from volseg.data.validate import replace_non_finite
+from volseg.engines import Segmentation
 from volseg.errors import UserError
+from volseg.imageio import Image
 from volseg.runtime import use_bf16
 
 TESTED_MONAI = ("1.5", "1.7")
@@ -99,62 +100,6 @@ def unsupported_reason(recipe: Any) -> str | None:
     if not isinstance(intensity, (CTIntensity, MRIntensity, PercentileIntensity)):
         return f"the fast engine has no {type(intensity).__name__} intensity step"
     return None
-
-
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Read a NIfTI as float32 (scaling applied) with its affine; gzip through ISA-L when available.
-
-    The stored integers are converted and scaled by torch (all threads), several times faster than nibabel's
-    float64 scaling on a large CT.
-    """
-    import nibabel as nib
-
-    name = path.name.lower()
-    try:
-        if name.endswith(".gz"):
-            raw = path.read_bytes()
-            try:
-                from isal import igzip
-
-                data = igzip.decompress(raw)
-            except ImportError:
-                import gzip
-
-                data = gzip.decompress(raw)
-            del raw
-            img: Any = nib.Nifti1Image.from_bytes(data)
-        else:
-            img = nib.load(str(path))
-        stored = np.asarray(img.dataobj.get_unscaled())
-        slope, inter = img.dataobj.slope, img.dataobj.inter
-        arr = _to_float32(stored, float(slope), float(inter))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a problem of the user's file
-        raise UserError(
-            f"cannot read image ({exc.__class__.__name__}: {str(exc).splitlines()[0][:150]})", path
-        ) from None
-    return arr, np.asarray(img.affine, dtype=np.float64), img
-
-
-def _to_float32(stored: np.ndarray, slope: float, inter: float) -> np.ndarray:
-    """``stored * slope + inter`` as float32 (NIfTI's scaling; nibabel treats a 0 or NaN slope as 1)."""
-    if not math.isfinite(slope) or slope == 0:
-        slope = 1.0
-    if not math.isfinite(inter):
-        inter = 0.0
-    if stored.dtype in (np.uint8, np.int8, np.int16, np.uint16, np.float32) and min(stored.strides) > 0:
-        import warnings
-
-        with warnings.catch_warnings():  # a read-only buffer: only read here, the result is a new tensor
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(stored)  # any positive strides (NIfTI arrays are Fortran-ordered): no copy
-        out = t.to(torch.float32, copy=True)
-        if slope != 1.0:
-            out.mul_(slope)
-        if inter != 0.0:
-            out.add_(inter)
-        return out.numpy()
-    # Wide integers and float64 keep their precision through the scaling before the conversion.
-    return (stored.astype(np.float64) * slope + inter).astype(np.float32)
 
 
 AFFINE_ATOL = 1e-8
@@ -505,12 +450,17 @@ class ModelGrid:
 
 
 class FastEngine:
-    """Segments 3D volumes with a volseg bundle's network and recipe.
+    """Segments 3D volumes with a volseg bundle's network and recipe (an engine of :mod:`volseg.engines`).
+
+    :meth:`segment` runs three stages: the model grid (:meth:`to_model_grid`), the network
+    (:meth:`model_probabilities`, whose :meth:`run_network` is where fold ensembles, test-time mirroring and
+    other backends plug in) and the input grid (:meth:`to_input_grid`).
 
     Args:
         recipe: the bundle's recipe (preprocessing, inferer and postprocessing settings); one that
             :func:`unsupported_reason` refuses raises ValueError.
-        network: the inference network, weights loaded, on ``device``, in eval mode.
+        network: the inference network (or any module or callable mapping a batch to logits: a fold ensemble, an
+            ONNX session), weights loaded, on ``device``, in eval mode.
         device: where to compute.
 
     Attributes:
@@ -527,6 +477,7 @@ class FastEngine:
         reason = unsupported_reason(recipe)
         if reason is not None:
             raise ValueError(reason)
+        self.name = "fast"
         self.recipe = recipe
         self.network = network
         self.device = device
@@ -645,26 +596,49 @@ class FastEngine:
             raw = downsample_slabs(x, pos, dev, self.slab_bytes)
         return raw.permute(0, *[1 + q for q in grid.perm]).contiguous(), grid
 
-    def segment(self, arr: np.ndarray, affine: np.ndarray, probabilities: bool = False) -> tuple[np.ndarray, Any]:
-        """Labels (uint8, the input array's layout) for a 3D (or 3D + channels) array with its affine.
+    @staticmethod
+    def supports(recipe: Any) -> str | None:
+        """Why this engine cannot run ``recipe`` (:func:`unsupported_reason`), or None."""
+        return unsupported_reason(recipe)
 
-        Non-finite voxels are replaced (:func:`volseg.data.validate.replace_non_finite`; the caller's array is not
-        changed) and :attr:`notes` says so. Returns (labels, probabilities or None).
+    def segment(self, image: Image, probabilities: bool = False) -> Segmentation:
+        """Labels (uint8, the input array's layout) and, when asked, probabilities on the input grid of a 3D image
+        (3D, or 3D with channels last). Non-finite voxels are replaced first (the image is not changed); the notes
+        say so."""
+        arr = image.array
+        want = self.recipe.model.in_channels
+        channels = arr.shape[3] if arr.ndim == 4 else 1
+        if arr.ndim not in (3, 4) or channels != want:
+            raise UserError(f"expected a 3D image with {want} channel(s), got shape {arr.shape}", image.path)
+        labels, probs = self.segment_array(arr, image.affine, probabilities)
+        return Segmentation(labels, probs, list(self.notes))
+
+    def segment_array(
+        self, arr: np.ndarray, affine: np.ndarray, probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`segment` for an array and its affine: (labels, probabilities or None); :attr:`notes` is reset.
+
+        The three stages: :meth:`to_model_grid` (orientation and spacing), :meth:`model_probabilities`
+        (intensity, foreground crop, the network stage :meth:`run_network`, softmax) and :meth:`to_input_grid`.
         """
-        r = self.recipe
         self.notes = []
         raw_small, grid = self.to_model_grid(arr, affine)
-        ornt, perm, spatial = grid.ornt, grid.perm, grid.spatial
-        model_shape, scale, shift = grid.shape, grid.scale, grid.shift
-        dev = self.device
+        probs, _ = self.model_probabilities(raw_small)
+        del raw_small
+        return self.to_input_grid(probs, grid, tuple(arr.shape[:3]), probabilities)
+
+    def model_probabilities(self, raw: torch.Tensor) -> tuple[torch.Tensor, tuple[list[int], list[int]]]:
+        """Class probabilities (K, *model shape) on the model grid for the image there, before intensity; zero for
+        every class outside the foreground crop (as MONAI's inverse of the crop pads). Also returns the crop box."""
+        r = self.recipe
+        model_shape = tuple(int(n) for n in raw.shape[1:])
         fg: torch.Tensor | None
         if self.ct:  # window first, then crop to the body (air is 0 after windowing)
-            img = self._intensity(raw_small)
+            img = self._intensity(raw)
             fg = img.amax(dim=0) > 0
         else:  # crop on the raw image, then normalise the crop (MONAI's chain: CropForegroundd, then intensity)
-            fg = raw_small.amax(dim=0) > 0 if r.data.crop_foreground else None
-            img = raw_small
-        del raw_small
+            fg = raw.amax(dim=0) > 0 if r.data.crop_foreground else None
+            img = raw
         lo, hi = [0, 0, 0], list(model_shape)
         if r.data.crop_foreground and fg is not None and bool(fg.any()):
             idx = [torch.nonzero(fg.any(dim=tuple(d for d in range(3) if d != a))).flatten() for a in range(3)]
@@ -673,47 +647,70 @@ class FastEngine:
         crop = img[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         if not self.ct:
             crop = self._intensity(crop)
-        border = int(r.infer.mirror_border)
-        if border:  # the overlap-tile strategy: mirrored context around the whole image, removed after
-            import torch.nn.functional as F
+        del img, fg
+        probs_crop = torch.softmax(self.run_network(crop).float(), dim=0)
+        n = probs_crop.shape[0]
+        probs = torch.zeros((n, *model_shape), dtype=torch.float32, device=self.device)
+        probs[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = probs_crop
+        return probs, (lo, hi)
 
+    def network_stage(self) -> Any:
+        """The batch predictor the sliding window runs: (B, C, *roi) -> logits. The network (a fold ensemble
+        :func:`volseg.folds.ensembled`, or the ONNX network of :mod:`volseg.onnx_engine`, both built by the
+        Predictor) under test-time mirroring (:func:`mirrored`, ``infer.tta_flips``)."""
+        return mirrored(self.network, self.recipe.infer.tta_flips)
+
+    def run_network(self, crop: torch.Tensor) -> torch.Tensor:
+        """The network stage: logits (K, *spatial) for a preprocessed (C, *spatial) image on the model grid, by the
+        recipe's sliding window over :meth:`network_stage`, with ``infer.mirror_border`` voxels of mirrored context
+        (the overlap-tile strategy) added around it and removed after."""
+        import torch.nn.functional as F
+
+        r = self.recipe
+        border = int(r.infer.mirror_border)
+        if border:
             crop = F.pad(crop[None], [border] * 6, mode="reflect")[0]
-        use_amp = self.bf16
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = sliding_window(
                 crop[None],
                 tuple(r.roi_size),
                 r.infer.sw_batch_size,
-                mirrored(self.network, r.infer.tta_flips),
+                self.network_stage(),
                 r.infer.overlap,
                 r.infer.blend,
                 r.infer.padding_mode,
             )
         if border:
             logits = logits[..., border:-border, border:-border, border:-border]
-        probs_crop = torch.softmax(logits[0].float(), dim=0)
-        n = probs_crop.shape[0]
-        # Outside the foreground crop every class gets 0, as MONAI's inverse of the crop pads (argmax: background).
-        probs = torch.zeros((n, *model_shape), dtype=torch.float32, device=dev)
-        probs[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = probs_crop
-        del probs_crop, logits, img, crop
+        return logits[0]
+
+    def to_input_grid(
+        self, probs: torch.Tensor, grid: ModelGrid, input_shape: tuple[int, ...], probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Model-grid probabilities back on the input grid, in the stored axis order: labels (uint8, the largest
+        component kept for ``infer.postprocess.largest_component``) and, with ``probabilities``, the probabilities
+        (K, *input shape), float32."""
+        ornt, perm, spatial = grid.ornt, grid.perm, grid.spatial
+        scale, shift = grid.scale, grid.shift
+        n = probs.shape[0]
         full_probs = None
-        chunk = max(1, min(64, int(2**24 // max(1, n * spatial[0] * spatial[1]))))
         box: tuple[slice, ...] | None = None
         if probabilities:
+            chunk = max(1, min(64, int(2**24 // max(1, n * spatial[0] * spatial[1]))))
             host = torch.device("cpu")
             full_probs = back_to_input(probs, scale, shift, spatial, chunk, True, host).numpy()
             labels_t = torch.from_numpy(full_probs.argmax(axis=0).astype(np.uint8))
         else:
             home = torch.device("cpu") if self.plan == "slabs" else None
             labels_t, box = self._labels_on_input(probs, scale, shift, spatial, home)
+        del probs
         out = self._unorient(labels_t.cpu().numpy(), ornt)
         if self.keep:  # in the input's layout (face connectivity does not see orientation)
             stored_box = None
             if box is not None:  # the foreground box, from view axes to stored axes
                 stored = [slice(0, 0)] * 3
                 for p_axis, q_axis in enumerate(perm):
-                    b, n_q = box[p_axis], arr.shape[q_axis]
+                    b, n_q = box[p_axis], input_shape[q_axis]
                     stored[q_axis] = slice(n_q - b.stop, n_q - b.start) if ornt[q_axis, 1] == -1 else b
                 stored_box = tuple(stored)
             out = _largest_component(out, self.keep, stored_box)

@@ -265,18 +265,19 @@ def nifti_header(path: Path) -> Any:
     fails is one UserError line."""
     import nibabel as nib
 
+    errors: tuple[type[BaseException], ...] = (
+        *READ_ERRORS,
+        ArithmeticError,
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+    )
     try:
         with nib.imageglobals.LoggingOutputSuppressor():
             img: Any = nib.load(str(path))
             # What MONAI's NibabelReader asks of the header (it compares qform, sform and zooms).
             _ = img.shape, img.affine, img.dataobj.slope, img.dataobj.inter, img.header.get_zooms()
             _ = img.get_qform(), img.get_sform()
-    except (
-        *READ_ERRORS,
-        ArithmeticError,
-        nib.filebasedimages.ImageFileError,
-        nib.spatialimages.HeaderDataError,
-    ) as exc:
+    except errors as exc:
         raise UserError(f"nibabel cannot open it ({one_line(exc)})", path) from None
     return img
 

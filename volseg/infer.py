@@ -1,11 +1,10 @@
-"""Inference with a bundle: sliding window, back to the input grid, labels written atomically.
+"""Inference with a bundle: the predictor picks an engine, reads each input, writes the outputs.
 
-The :class:`Predictor` has two engines that compute the same segmentation. The fast engine
-(:mod:`volseg.fastpath`) builds the recipe's network itself and evaluates no bundle config; the MONAI chain builds
-the bundle's ``configs/inference.json`` components (preprocessing, network, inferer, postprocessing up to the
-writer), as ``python -m monai.bundle run`` does, after :func:`volseg.trust.check_bundle` has found them exactly
-volseg's for the bundle's recipe. volseg then writes the labels itself on the input's exact grid: for NIfTI input
-the output takes the input's header and affine, so shape, affine and axis order are the input's.
+:meth:`Predictor.from_bundle` reads the bundle's recipe, vets its configs and picks the engine
+(:mod:`volseg.engines`: the fast engine of :mod:`volseg.fastpath` when it supports the recipe, else the bundle's
+MONAI chain); :meth:`Predictor.predict` reads the input once (:func:`volseg.imageio.read_image`) and has the engine
+segment it on the input's grid. :func:`save_prediction` writes the labels on that exact grid (for NIfTI input the
+output takes the input's header and affine), :func:`run_inference` does both for every input of ``volseg infer``.
 """
 
 from __future__ import annotations
@@ -16,13 +15,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from volseg.data.datalist import IMAGE_SUFFIXES, case_id
-from volseg.errors import UserError
+from volseg.data.datalist import IMAGE_SUFFIXES
+from volseg.errors import UserError, one_line
+
+if TYPE_CHECKING:
+    from volseg.engines import Engine
+    from volseg.imageio import Image
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Prediction:
     probabilities: np.ndarray | None = None  # (classes, *spatial) on the input grid, when asked for
     dicom_files: list[Path] | None = None  # the source series, for DICOM input
     notes: list[str] = field(default_factory=list)
+    image: Image | None = None  # the input as read, when kept for QC pictures
 
 
 #: Where `volseg demo` puts its run (a bundle, like those under runs/).
@@ -95,309 +99,294 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     return out
 
 
-class Predictor:
-    """Segments images with a trained bundle.
+class _BundleShorthand(type):
+    """``Predictor(bundle_dir, ...)`` (a path first) is ``Predictor.from_bundle(bundle_dir, ...)``, as it was before
+    the two were apart; the constructor itself takes an engine."""
 
-    Two engines compute the same segmentation. ``fast`` (the default for 3D volseg bundles on NIfTI and DICOM
-    input, see :mod:`volseg.fastpath`) avoids full-resolution copies and resamples cheaply; ``monai`` runs the
-    bundle's own MONAI transform chain (any bundle, any image format MONAI reads).
+    def __call__(cls, engine: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(engine, (str, os.PathLike)):
+            return cls.from_bundle(engine, *args, **kwargs)  # type: ignore[attr-defined]
+        return super().__call__(engine, *args, **kwargs)
+
+
+class Predictor(metaclass=_BundleShorthand):
+    """Segments images with one engine (:mod:`volseg.engines`) and describes the output's segments.
+
+    Made from a bundle by :meth:`from_bundle`; the constructor takes the parts (an engine built elsewhere, e.g. a
+    cascade of two, and what the writers need).
 
     Args:
-        bundle_dir: a bundle with configs/inference.json and models/model.pt.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        engine: ``fast``, ``onnx`` (the fast engine with the bundle's ``models/model.onnx`` run by onnxruntime,
-            float32; see :mod:`volseg.onnx_engine`) or ``monai``.
-        trust: let the MONAI chain evaluate configs that are not exactly what volseg writes for the bundle's
-            recipe (or a bundle without a recipe); see :func:`volseg.trust.check_bundle`.
+        engine: what segments each image (``supports``, ``segment``).
+        segments: the non-background labels, for the writers (:func:`volseg.data.writers.segments_from_recipe`).
+        algorithm: what DICOM SEG records as the algorithm (name, version, bundle, bundle_version).
+        recipe: the bundle's recipe, when there is one.
+        notes: lines for the user about the model as a whole (printed once by ``volseg infer``).
+        device: where the engine computes.
+        bundle_dir: the bundle, when made from one.
+        folds: the fold models the engine averages (``models/folds/fold_k.pt`` of an ensemble bundle), else [].
     """
 
     def __init__(
         self,
+        engine: Engine,
+        *,
+        segments: list[Any] | None = None,
+        algorithm: dict[str, Any] | None = None,
+        recipe: Any = None,
+        notes: list[str] | None = None,
+        device: torch.device | None = None,
+        bundle_dir: Path | None = None,
+        folds: list[Path] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.segments = list(segments or [])
+        self.algorithm = dict(algorithm or {"name": "volseg"})
+        self.recipe = recipe
+        self.notes = list(notes or [])
+        self.device = device if device is not None else getattr(engine, "device", torch.device("cpu"))
+        self.bundle_dir = bundle_dir
+        self.folds = list(folds or [])
+
+    @classmethod
+    def from_bundle(
+        cls,
         bundle_dir: str | Path,
         device: str | None = None,
         engine: str = "fast",
         trust: bool = False,
         precision: str | None = None,
         overrides: list[str] | None = None,
-    ) -> None:
+    ) -> Predictor:
+        """A predictor for a trained bundle.
+
+        ``fast`` (the default) runs the fast engine (:mod:`volseg.fastpath`) when it supports the bundle's recipe,
+        else falls back to the bundle's MONAI chain; ``onnx`` is the fast engine with the bundle's
+        ``models/model.onnx`` run by onnxruntime (float32, :mod:`volseg.onnx_engine`); ``monai`` runs the bundle's
+        own MONAI chain (any bundle). Fold ensembles (``models/folds``) are averaged by both engines.
+
+        Args:
+            bundle_dir: a bundle with configs/inference.json and models/model.pt.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+            engine: ``fast``, ``onnx`` or ``monai``.
+            trust: let the MONAI chain evaluate configs that are not exactly what volseg writes for the bundle's
+                recipe (or a bundle without a recipe); see :func:`volseg.trust.check_bundle`.
+            precision: ``auto``, ``fp32`` or ``bf16`` (the fast engine's network).
+            overrides: ``infer.*`` (and ``data.crop_foreground``) recipe overrides, for the fast engine.
+        """
         from volseg.runtime import resolve_device
-        from volseg.trust import bundle_problem, check_bundle
 
-        self.bundle_dir = Path(bundle_dir).resolve()
-        cfg_file = self.bundle_dir / "configs" / "inference.json"
-        weights = self.bundle_dir / "models" / "model.pt"
-        if not cfg_file.is_file():
-            raise UserError("not a bundle: configs/inference.json is missing", self.bundle_dir)
-        if not weights.is_file():
-            raise UserError("bundle has no weights: models/model.pt is missing (train it first)", self.bundle_dir)
-        if engine not in ("fast", "onnx", "monai"):
-            raise UserError(f"unknown engine '{engine}'; known: fast, onnx, monai", "--engine")
-        if precision not in (None, "auto", "fp32", "bf16"):
-            raise UserError(f"unknown precision '{precision}'; known: auto, fp32, bf16", "--precision")
-        _check_infer_overrides(overrides)
-        has_recipe = (self.bundle_dir / "configs" / "volseg_recipe.yaml").is_file()
-        if overrides and (engine == "monai" or not has_recipe):
-            raise UserError(
-                "--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set"
-            )
-        self.trust = trust
-        #: Lines for the user about the bundle as a whole (printed once by ``volseg infer``).
-        self.notes: list[str] = []
-        # The MONAI chain evaluates the bundle's configs: they must be exactly volseg's for the bundle's recipe
-        # (checked when the chain is built). The fast engine evaluates none of them: it reads the recipe through the
-        # schema and the weights with weights_only=True, and only warns that other tools would run the configs.
-        self._configs: dict[str, Any] | None = None
-        if engine == "monai" or not has_recipe:
-            self._configs = check_bundle(self.bundle_dir, trust=trust)
-        elif not trust:
-            problem = bundle_problem(self.bundle_dir)
-            if problem:
-                self.notes.append(
-                    f"warning: {self.bundle_dir}: {problem}; the fast engine reads only the recipe and the weights, "
-                    "but MONAI Label and `python -m monai.bundle run` would evaluate these configs"
-                )
-        self.device = resolve_device(device)
-        recipe = None
-        if has_recipe:
-            from volseg.bundle import read_bundle_recipe
-
-            recipe = read_bundle_recipe(self.bundle_dir, overrides)
-        self.recipe = recipe
+        bundle = Path(bundle_dir).resolve()
+        recipe = _check_bundle_request(bundle, engine, precision, overrides)
+        notes: list[str] = []
+        # The MONAI chain evaluates the bundle's configs: they must be exactly volseg's for the bundle's recipe. The
+        # fast engine evaluates none of them: it reads the recipe through the schema and the weights with
+        # weights_only=True, and only warns that other tools would run the configs.
+        configs = _vet_configs(bundle, engine, recipe, trust, notes)
+        dev = resolve_device(device)
         if recipe is not None and recipe.infer.tta_flips and not recipe.train.augment.flip:
-            self.notes.append(
+            notes.append(
                 "note: infer.tta_flips mirrors the input, but this model was trained without flips "
                 "(train.augment.flip 0): on phantoms that lowered Dice (docs/benchmarks.md)"
             )
-        self.segments = _segments(self.bundle_dir, recipe)
-        self.algorithm = _algorithm(self.bundle_dir)
-        self.network: torch.nn.Module | None = None
-        self._chain: dict[str, Any] | None = None
-        self.fast = None
         from volseg.folds import fold_weights
 
-        #: The fold models of an ensemble bundle (models/folds/fold_k.pt), averaged by both engines; else [].
-        self.folds = fold_weights(self.bundle_dir) if recipe is not None else []
-        if engine != "monai" and recipe is not None:
-            from volseg.fastpath import FastEngine, unsupported_reason
-
-            reason = unsupported_reason(recipe)
-            if overrides and reason:
-                raise UserError(f"--set needs the fast engine, and {reason}", "--set")
-            if reason and recipe.model.spatial_dims == 3:
-                self.notes.append(f"note: {reason}: the bundle's MONAI chain runs it")
-            if reason is None:
-                if engine == "onnx":
-                    from volseg.onnx_engine import load_onnx_network
-
-                    self.network = load_onnx_network(self.bundle_dir, self.device, precision, self.notes)
-                    precision = "fp32"
-                    if self.folds:
-                        self.notes.append("note: the onnx engine runs models/model.onnx (fold 0), not the ensemble")
-                else:
-                    self.network = self._recipe_networks(recipe)
-                self.fast = FastEngine(recipe, self.network, self.device, precision)
-                self.notes += self.fast.engine_notes
-        if engine == "onnx" and self.fast is None:
-            raise UserError("the onnx engine runs 3D volseg bundles (those the fast engine runs)", self.bundle_dir)
-        if self.fast is None:
-            if self.folds and recipe is not None:
-                self.network = self._recipe_networks(recipe)
-            self._build_chain()
-
-    def _weights(self, path: Path | None = None) -> dict[str, Any]:
-        from volseg.trust import safe_torch_load
-
-        state = safe_torch_load(path or self.bundle_dir / "models" / "model.pt")
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        return state
-
-    def _recipe_networks(self, recipe: Any) -> Any:
-        """The recipe's network with the bundle's weights, or the mean of its fold models (:func:`ensembled`)."""
-        if not self.folds:
-            return self._recipe_network(recipe)
-        from volseg.folds import ensembled
-
-        return ensembled([self._recipe_network(recipe, path) for path in self.folds])
-
-    def _recipe_network(self, recipe: Any, weights: Path | None = None) -> torch.nn.Module:
-        """The recipe's network with the bundle's weights, built by volseg itself (no bundle config evaluated):
-        in plain PyTorch where :mod:`volseg.fastnets` covers it (no MONAI import), else from MONAI's class."""
-        from volseg.fastnets import build_inference_network
-        from volseg.nets import build_network, network_config
-
-        m = recipe.model
-        cfg = network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args, for_inference=True)
-        state = self._weights(weights)
-        net = build_inference_network(cfg)
-        if net is not None:
-            try:
-                net.load_state_dict(state, strict=True)
-                return net.to(self.device).eval()
-            except RuntimeError:
-                pass  # not the recipe's weights: MONAI's class reports it below, in its own terms
-        net = build_network(cfg)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0][:200]
-            where = weights or self.bundle_dir / "models" / "model.pt"
-            raise UserError(f"the weights do not fit the recipe's network ({first})", where) from None
-        return net.to(self.device).eval()
-
-    def _build_chain(self) -> dict[str, Any]:
-        """The bundle's MONAI chain (preprocessing, inferer, postprocessing) and, if not built yet, its network.
-
-        Without ``trust`` the chain is built from the configs as compared with volseg's own for the bundle's recipe
-        (:func:`volseg.trust.check_bundle`), not from a second read of the files.
-        """
-        if self._chain is not None:
-            return self._chain
-        import json
-        import sys
-
-        from monai.bundle import ConfigParser
-
-        from volseg.trust import check_bundle
-
-        if self._configs is None and not self.trust:
-            self._configs = check_bundle(self.bundle_dir)
-        parser = ConfigParser()
-        if self._configs is not None:
-            parser.read_config(json.loads(json.dumps(self._configs["configs/inference.json"])))
-        else:
-            parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
-        parser["bundle_root"] = str(self.bundle_dir)
-        parser["device"] = f"$torch.device('{self.device}')"
-        if (self.bundle_dir / "scripts").is_dir() and str(self.bundle_dir) not in sys.path:
-            sys.path.insert(0, str(self.bundle_dir))
-        # Everything up to the writer: volseg writes the output itself, on the input's grid.
-        post = parser["postprocessing"]["transforms"]
-        parser["postprocessing"]["transforms"] = [t for t in post if t.get("_target_") != "SaveImaged"]
-        chain = {
-            "preprocessing": parser.get_parsed_content("preprocessing"),
-            "postprocessing": parser.get_parsed_content("postprocessing"),
-            "inferer": parser.get_parsed_content("inferer"),
-        }
-        if self.network is None:
-            net = parser.get_parsed_content("network_def")
-            net.load_state_dict(self._weights())
-            self.network = net.to(self.device).eval()
-        self._chain = chain
-        return chain
+        folds = fold_weights(bundle) if recipe is not None else []
+        chosen = _choose_engine(bundle, engine, recipe, dev, precision, overrides, trust, configs, folds, notes)
+        return cls(
+            chosen,
+            segments=_segments(bundle, recipe),
+            algorithm=_algorithm(bundle),
+            recipe=recipe,
+            notes=notes,
+            device=dev,
+            bundle_dir=bundle,
+            folds=folds,
+        )
 
     @property
-    def preprocessing(self) -> Any:
-        return self._build_chain()["preprocessing"]
+    def fast(self) -> Any:
+        """The fast engine, when that is the engine (else None)."""
+        from volseg.fastpath import FastEngine
+
+        return self.engine if isinstance(self.engine, FastEngine) else None
 
     @property
-    def postprocessing(self) -> Any:
-        return self._build_chain()["postprocessing"]
+    def network(self) -> Any:
+        """The engine's network (a module, a fold ensemble or an ONNX session)."""
+        return getattr(self.engine, "network", None)
 
-    @property
-    def inferer(self) -> Any:
-        return self._build_chain()["inferer"]
-
-    def _load(self, src: Path, series_uid: str | None) -> tuple[dict[str, Any], Any, list[str]]:
-        """Preprocess one input: (data, the DICOM volume or None, notes); DICOM series folders are read by volseg's
-        own series reader."""
-        if src.is_dir():
-            from monai.data import MetaTensor
-            from monai.transforms import Compose
-
-            from volseg.data.dicom import choose_series, list_series, read_series
-
-            chosen, skipped = choose_series(list_series(src), series_uid)
-            vol = read_series(src, chosen.uid)
-            vol.warnings[:0] = [f"chose {chosen.summary()}"] + [f"skipped {s.summary()}" for s in skipped]
-            image = MetaTensor(
-                torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32)),
-                affine=torch.as_tensor(vol.affine, dtype=torch.float64),
-                meta={"original_channel_dim": "no_channel", "filename_or_obj": str(src), "space": "RAS"},
-            )
-            # The bundle's chain after its loader.
-            from monai.transforms import LoadImaged
-
-            steps = list(self.preprocessing.transforms)
-            first = next((i + 1 for i, t in enumerate(steps) if isinstance(t, LoadImaged)), 0)
-            rest = Compose(steps[first:])
-            return rest({"image": image}), vol, list(vol.warnings)
-        from volseg.monai_compat import preprocess
-
-        try:
-            data, note = preprocess(self.preprocessing, {"image": str(src)}, src)
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reader errors become one line naming the file
-            raise UserError(f"cannot read image ({_reason(exc)})", src) from None
-        return data, None, [note] if note else []
-
-    def predict(self, source: str | Path, *, series_uid: str | None = None, probabilities: bool = False) -> Prediction:
+    def predict(
+        self,
+        source: str | Path,
+        *,
+        series_uid: str | None = None,
+        probabilities: bool = False,
+        keep_image: bool = False,
+    ) -> Prediction:
         """Segment one image (file or DICOM series folder) and return labels on its own grid.
 
         Args:
             source: an image file or a folder holding a DICOM series.
             series_uid: which series of a DICOM folder (default: the CT/MR series with most slices).
             probabilities: also return the class probabilities on the input grid.
+            keep_image: keep the image as read in :attr:`Prediction.image` (for QC pictures, not read again).
         """
+        from volseg.engines import MonaiEngine
+        from volseg.imageio import read_image
+
         t0 = time.perf_counter()
         src = Path(source)
-        name = src.name.lower()
-        if src.is_file() and name.endswith((".nii", ".nii.gz")):
-            from volseg.data.validate import check_image_file
+        if isinstance(self.engine, MonaiEngine) and self.engine.loads(src):
+            from volseg.imageio import is_nifti
 
-            check_image_file(src, verify_data=False)
-        if self.fast is not None and (src.is_dir() or name.endswith((".nii", ".nii.gz"))):
-            return self._predict_fast(src, series_uid, probabilities, t0)
-        from monai.transforms import Invertd
+            if src.is_file() and is_nifti(src):
+                from volseg.data.validate import check_image_file
 
-        data, vol, notes = self._load(src, series_uid)
-        image = data["image"]
-        from volseg.fastpath import mirrored
+                check_image_file(src, verify_data=False)
+            out = self.engine.segment(src, probabilities)
+            affine = out.affine if out.affine is not None else np.eye(4)
+            kept = read_image(src) if keep_image else None
+            seconds = time.perf_counter() - t0
+            return Prediction(src, out.labels, affine, seconds, out.probabilities, None, out.notes, kept)
+        image = read_image(src, series_uid)
+        out = self.engine.segment(image, probabilities)
+        notes = image.notes + out.notes
+        seconds = time.perf_counter() - t0
+        kept = image if keep_image else None
+        return Prediction(src, out.labels, image.affine, seconds, out.probabilities, image.dicom_files, notes, kept)
 
-        flips = self.recipe.infer.tta_flips if self.recipe is not None else ()
-        with torch.inference_mode():
-            logits = self.inferer(image.unsqueeze(0).to(self.device), mirrored(self.network, flips))
-        data["pred"] = logits[0].cpu() if isinstance(logits, torch.Tensor) else logits[-1][0].cpu()
-        probs = None
-        for t in self.postprocessing.transforms:
-            data = t(data)
-            if probabilities and isinstance(t, Invertd):
-                probs = np.asarray(data["pred"].detach().cpu().numpy(), dtype=np.float32)
-                # Outside the foreground crop the inverse pads zeros: that is background.
-                probs[0] += np.clip(1.0 - probs.sum(axis=0), 0.0, 1.0)
-        pred = data["pred"]
-        labels = np.asarray(pred.detach().cpu().numpy())[0].astype(np.uint8)
-        affine = np.asarray(pred.affine.cpu().numpy() if hasattr(pred, "affine") else np.eye(4), dtype=np.float64)
-        files = None
-        if vol is not None:
-            affine = vol.affine
-            files = list(vol.series.files)
-        return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
 
-    def _predict_fast(self, src: Path, series_uid: str | None, probabilities: bool, t0: float) -> Prediction:
-        from volseg.fastpath import read_nifti
+def _check_bundle_request(bundle: Path, engine: str, precision: str | None, overrides: list[str] | None) -> Any:
+    """Refuse what cannot work before anything is built; the bundle's recipe (None for a bundle without one)."""
+    from volseg.bundle import read_bundle_recipe
 
-        assert self.fast is not None
-        files = None
-        notes: list[str] = []
-        if src.is_dir():
-            from volseg.data.dicom import choose_series, list_series, read_series
+    if not (bundle / "configs" / "inference.json").is_file():
+        raise UserError("not a bundle: configs/inference.json is missing", bundle)
+    if not (bundle / "models" / "model.pt").is_file():
+        raise UserError("bundle has no weights: models/model.pt is missing (train it first)", bundle)
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}", "--engine")
+    if precision not in (None, "auto", "fp32", "bf16"):
+        raise UserError(f"unknown precision '{precision}'; known: auto, fp32, bf16", "--precision")
+    _check_infer_overrides(overrides)
+    has_recipe = (bundle / "configs" / "volseg_recipe.yaml").is_file()
+    if overrides and (engine == "monai" or not has_recipe):
+        raise UserError(
+            "--set needs the fast engine and a volseg bundle (the MONAI chain is the bundle's own)", "--set"
+        )
+    return read_bundle_recipe(bundle, overrides) if has_recipe else None
 
-            chosen, skipped = choose_series(list_series(src), series_uid)
-            vol = read_series(src, chosen.uid)
-            arr, affine = vol.array, vol.affine
-            files = list(vol.series.files)
-            notes = [f"chose {chosen.summary()}"] + [f"skipped {s.summary()}" for s in skipped] + list(vol.warnings)
+
+def _vet_configs(bundle: Path, engine: str, recipe: Any, trust: bool, notes: list[str]) -> dict[str, Any] | None:
+    """The bundle's configs as compared with volseg's own (:func:`volseg.trust.check_bundle`) when the MONAI chain
+    will run them; otherwise None, and a warning when other tools would run configs that are not volseg's."""
+    from volseg.trust import bundle_problem, check_bundle
+
+    if engine == "monai" or recipe is None:
+        return check_bundle(bundle, trust=trust)
+    if not trust:
+        problem = bundle_problem(bundle)
+        if problem:
+            notes.append(
+                f"warning: {bundle}: {problem}; the fast engine reads only the recipe and the weights, "
+                "but MONAI Label and `python -m monai.bundle run` would evaluate these configs"
+            )
+    return None
+
+
+#: ``--engine`` values: the engines tried in order; the first whose ``supports()`` accepts the recipe runs it.
+ENGINES = {"fast": ("fast", "monai"), "onnx": ("onnx",), "monai": ("monai",)}
+
+
+def _choose_engine(
+    bundle: Path,
+    engine: str,
+    recipe: Any,
+    device: torch.device,
+    precision: str | None,
+    overrides: list[str] | None,
+    trust: bool,
+    configs: dict[str, Any] | None,
+    folds: list[Path],
+    notes: list[str],
+) -> Engine:
+    """The first engine of :data:`ENGINES` [``engine``] that supports the recipe, built with its network (the mean
+    of the fold models ``folds`` when there are any)."""
+    from volseg.engines import MonaiEngine
+    from volseg.fastpath import FastEngine
+
+    for name in ENGINES[engine]:
+        if name == "monai":
+            if configs is None and not trust:
+                from volseg.trust import check_bundle
+
+                configs = check_bundle(bundle)
+            network = recipe_networks(bundle, recipe, device, folds) if folds else None
+            return MonaiEngine(bundle, configs, device, recipe, network)
+        reason = FastEngine.supports(recipe) if recipe is not None else "the fast engine runs volseg bundles"
+        if reason is not None:
+            if overrides:
+                raise UserError(f"--set needs the fast engine, and {reason}", "--set")
+            if name == "onnx":
+                raise UserError("the onnx engine runs 3D volseg bundles (those the fast engine runs)", bundle)
+            if recipe is not None and recipe.model.spatial_dims == 3:
+                notes.append(f"note: {reason}: the bundle's MONAI chain runs it")
+            continue
+        if name == "onnx":
+            from volseg.onnx_engine import load_onnx_network
+
+            network = load_onnx_network(bundle, device, precision, notes)
+            precision = "fp32"
+            if folds:
+                notes.append("note: the onnx engine runs models/model.onnx (fold 0), not the ensemble")
         else:
-            arr, affine, _ = read_nifti(src)
-        want = self.fast.recipe.model.in_channels
-        channels = arr.shape[3] if arr.ndim == 4 else 1
-        if arr.ndim not in (3, 4) or channels != want:
-            raise UserError(f"expected a 3D image with {want} channel(s), got shape {arr.shape}", src)
-        labels, probs = self.fast.segment(arr, affine, probabilities)
-        notes += self.fast.notes
-        return Prediction(src, labels, affine, time.perf_counter() - t0, probs, files, notes)
+            network = recipe_networks(bundle, recipe, device, folds)
+        fast = FastEngine(recipe, network, device, precision)
+        notes += fast.engine_notes
+        return fast
+    raise AssertionError(f"no engine for {engine}")  # ENGINES ends with one that supports every recipe
+
+
+def _weights(path: Path) -> dict[str, Any]:
+    from volseg.trust import safe_torch_load
+
+    state = safe_torch_load(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
+
+
+def recipe_networks(bundle: Path, recipe: Any, device: torch.device, folds: list[Path] | None = None) -> Any:
+    """The recipe's network with the bundle's weights, or the mean of its fold models (:func:`ensembled`)."""
+    if not folds:
+        return recipe_network(recipe, bundle / "models" / "model.pt", device)
+    from volseg.folds import ensembled
+
+    return ensembled([recipe_network(recipe, path, device) for path in folds])
+
+
+def recipe_network(recipe: Any, weights: Path, device: torch.device) -> torch.nn.Module:
+    """The recipe's network with the given weights, built by volseg itself (no bundle config evaluated): in plain
+    PyTorch where :mod:`volseg.fastnets` covers it (no MONAI import), else from MONAI's class."""
+    from volseg.fastnets import build_inference_network
+    from volseg.nets import build_network, network_config
+
+    m = recipe.model
+    cfg = network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args, for_inference=True)
+    state = _weights(weights)
+    net = build_inference_network(cfg)
+    if net is not None:
+        try:
+            net.load_state_dict(state, strict=True)
+            return net.to(device).eval()
+        except RuntimeError:
+            pass  # not the recipe's weights: MONAI's class reports it below, in its own terms
+    net = build_network(cfg)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"the weights do not fit the recipe's network ({one_line(exc)})", weights) from None
+    return net.to(device).eval()
 
 
 def _check_infer_overrides(overrides: list[str] | None) -> None:
@@ -452,19 +441,6 @@ def _algorithm(bundle_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _reason(exc: BaseException) -> str:
-    """The innermost cause of a (MONAI-wrapped) reader error, as one short line."""
-    seen = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    for inner in reversed(seen):
-        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
-        if lines and not lines[0].startswith("applying transform"):
-            return f"{inner.__class__.__name__}: {lines[0]}"[:200]
-    return seen[-1].__class__.__name__
-
-
 def save_prediction(
     pred: Prediction, out_base: Path, formats: list[str] | None, segments: list[Any], algorithm: dict[str, Any]
 ) -> list[Path]:
@@ -477,9 +453,9 @@ def save_prediction(
     reference = None
     name = pred.source.name.lower()
     if pred.source.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
-        import nibabel as nib
+        from volseg.imageio import nifti_header
 
-        ref: Any = nib.load(str(pred.source))
+        ref: Any = nifti_header(pred.source)
         if tuple(ref.shape[: pred.labels.ndim]) != pred.labels.shape:
             raise RuntimeError(
                 f"prediction shape {pred.labels.shape} differs from the input's {ref.shape}: "
@@ -489,7 +465,7 @@ def save_prediction(
             raise RuntimeError("prediction affine differs from the input's after inversion")
         reference = pred.source
     if pred.labels.ndim == 2:
-        return [_write_png_labels(pred.labels, Path(f"{out_base}.png"))]
+        return write_segmentation(pred.labels, pred.affine, out_base, ["png"], segments)
     if not formats:
         formats = ["nifti", "dicom-seg"] if pred.dicom_files else ["nifti"]
     paths = write_segmentation(
@@ -507,20 +483,11 @@ def save_prediction(
     return paths
 
 
-def _write_png_labels(labels: np.ndarray, path: Path) -> Path:
-    """A 2D label map as an 8-bit PNG (MONAI's 2D arrays are (x, y): transposed to rows and columns)."""
-    from PIL import Image
-
-    from volseg.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(labels.T.astype(np.uint8))).save(tmp, format="PNG")
-    return path
-
-
 def output_base(source: Path, out_dir: Path) -> Path:
-    """OUT/<case>_seg (each format adds its suffix)."""
-    return out_dir / f"{case_id(source)}_seg"
+    """OUT/<case>_seg (each format adds its suffix): :func:`volseg.evaluate.prediction_base`."""
+    from volseg.evaluate import prediction_base
+
+    return prediction_base(source, out_dir)
 
 
 @dataclass(frozen=True)
@@ -586,7 +553,7 @@ def _segment(
     sources: list[Path], out: Path, bundle: Path, device: str | None, echo: Callable[[str], None], job: InferJob
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment the given cases one after the other with one predictor."""
-    predictor = Predictor(bundle, device, job.engine, job.trust, job.precision, job.overrides)
+    predictor = Predictor.from_bundle(bundle, device, job.engine, job.trust, job.precision, job.overrides)
     written: list[Path] = []
     failures: list[tuple[Path, str]] = []
     echo(f"bundle {bundle}  device {predictor.device}  {len(sources)} case(s)")
@@ -594,7 +561,7 @@ def _segment(
         echo(note)
     for i, src in enumerate(sources, 1):
         try:
-            pred = predictor.predict(src, series_uid=job.series_uid, probabilities=job.probabilities)
+            pred = predictor.predict(src, series_uid=job.series_uid, probabilities=job.probabilities, keep_image=job.qc)
             paths = save_prediction(pred, output_base(src, out), job.formats, predictor.segments, predictor.algorithm)
         except UserError as err:
             failures.append((src, str(err)))
@@ -613,31 +580,17 @@ def _segment(
     return written, failures
 
 
-def read_image_for_display(src: Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The input image (first channel) and its affine, for pictures."""
-    if src.is_dir():
-        from volseg.data.dicom import read_series
-
-        vol = read_series(src, series_uid)
-        return vol.array, vol.affine
-    if src.name.lower().endswith((".png", ".tif", ".tiff")):
-        from PIL import Image
-
-        return np.asarray(Image.open(src).convert("L"), dtype=np.float32).T, np.eye(4)
-    import nibabel as nib
-
-    img: Any = nib.load(str(src))
-    arr = np.asarray(img.dataobj, dtype=np.float32)
-    return (arr[..., 0] if arr.ndim == 4 else arr), np.asarray(img.affine, dtype=np.float64)
-
-
 def _write_qc(pred: Prediction, out_base: Path, segments: list[Any], series_uid: str | None) -> Path:
     """Axial, coronal and sagittal slices through the segmentation, outlined in the label colours."""
+    from volseg.data.writers import segment_colors
+    from volseg.imageio import read_image
     from volseg.qc import write_montage
 
-    image, affine = read_image_for_display(pred.source, series_uid)
-    colors = {s.value: s.color for s in segments if s.color}
-    return write_montage(image, affine, pred.labels, Path(f"{out_base}_qc.png"), colors=colors, title=pred.source.name)
+    image = pred.image if pred.image is not None else read_image(pred.source, series_uid)
+    arr = image.array[..., 0] if image.array.ndim == 4 else image.array
+    colors = segment_colors(segments)
+    path = Path(f"{out_base}_qc.png")
+    return write_montage(arr, image.affine, pred.labels, path, colors=colors, title=pred.source.name)
 
 
 def _spawn_inference(

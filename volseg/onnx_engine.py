@@ -1,7 +1,7 @@
 """ONNX export of a bundle's network and an onnxruntime network for the fast engine (``--engine onnx``).
 
 ``volseg export-onnx BUNDLE`` writes ``models/model.onnx`` (MONAI's bundle convention for an ONNX model), the
-network the fast engine builds (:meth:`volseg.infer.Predictor._recipe_network`: the recipe's network with the
+network the fast engine builds (:func:`volseg.infer.recipe_network`: the recipe's network with the
 bundle's weights), exported with ``torch.onnx.export`` with a dynamic batch axis and dynamic spatial axes. The
 ``torch.export`` (dynamo) exporter is tried first, the TorchScript exporter when it fails; the result is checked
 with ``onnx.checker`` and compared with torch on two inputs of different shapes before it is renamed into place.
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from volseg.errors import UserError
+from volseg.errors import UserError, one_line
 
 ONNX_FILE = Path("models") / "model.onnx"
 INPUT_NAME = "image"
@@ -109,9 +109,10 @@ def export_onnx(
     from volseg.infer import Predictor
 
     t0 = time.perf_counter()
-    predictor = Predictor(bundle_dir, device="cpu", engine="fast", precision="fp32")
+    bundle = Path(bundle_dir).resolve()
+    predictor = Predictor.from_bundle(bundle, device="cpu", engine="fast", precision="fp32")
     if predictor.fast is None or predictor.network is None:
-        raise UserError("ONNX export covers 3D volseg bundles (those the fast engine runs)", predictor.bundle_dir)
+        raise UserError("ONNX export covers 3D volseg bundles (those the fast engine runs)", bundle)
     recipe = predictor.fast.recipe
     net = predictor.network.float().eval()
     gen = torch.Generator().manual_seed(0)
@@ -128,19 +129,19 @@ def export_onnx(
             onnx.checker.check_model(proto, full_check=True)
             diff, peak = _compare(proto, net, [example, other])
         except Exception as exc:  # noqa: BLE001 - each exporter may fail on some network; the next is tried
-            failures.append(f"{exporter}: {exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:200]}")
+            failures.append(f"{exporter}: {exc.__class__.__name__}: {one_line(exc)}")
             continue
         if diff > TOLERANCE * max(1.0, peak):
             failures.append(f"{exporter}: onnxruntime differs from torch by {diff:.3g} (largest logit {peak:.3g})")
             continue
         meta = {
-            _WEIGHTS_KEY: weights_digest(predictor.bundle_dir),
+            _WEIGHTS_KEY: weights_digest(bundle),
             "volseg_recipe": recipe.name,
             "volseg_exporter": exporter,
             "volseg_version": predictor.algorithm.get("version", ""),
         }
         onnx.helper.set_model_props(proto, meta)
-        path = predictor.bundle_dir / ONNX_FILE
+        path = bundle / ONNX_FILE
         with atomic_path(path) as tmp:
             onnx.save_model(proto, str(tmp))
         return ExportResult(path, exporter, opset, diff, peak, time.perf_counter() - t0)
@@ -240,8 +241,7 @@ def load_onnx_network(
     try:
         net = OnnxNetwork(path, device)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own message, as one line
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"onnxruntime cannot load {ONNX_FILE} ({first})", bundle_dir) from None
+        raise UserError(f"onnxruntime cannot load {ONNX_FILE} ({one_line(exc)})", bundle_dir) from None
     if device.type == "cuda" and net.providers[0] != "CUDAExecutionProvider" and notes is not None:
         notes.append("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu): the network runs on the CPU")
     return net

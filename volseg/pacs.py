@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from volseg.errors import UserError
+from volseg.errors import UserError, one_line
 
 if TYPE_CHECKING:
     import requests
@@ -186,7 +186,7 @@ def _errno_text(exc: BaseException) -> str:
         m = re.search(pattern, text)
         if m:
             return m.group(1).strip()
-    return text.splitlines()[0][:160] if text else exc.__class__.__name__
+    return one_line(exc, 160)
 
 
 def _http_reason(response: Any) -> str:
@@ -377,9 +377,11 @@ class DicomWebServer:
 
     def store(self, path: Path, study_uid: str) -> None:
         """Store one DICOM file in a study (STOW-RS); a refusal by the server is an error."""
-        import pydicom
+        from volseg.data.dicom import read_dataset
 
-        ds = pydicom.dcmread(path)
+        ds = read_dataset(path, pixels=True)
+        if ds is None:
+            raise UserError("not a DICOM file", path)
         client = self.client
         client.set_chunk_size(1 << 40)  # the body sent whole (not chunked), so that a retried POST sends it again
         try:
@@ -436,9 +438,9 @@ def round_trip(
         echo: where the lines for the user go.
         lock: held while the predictor runs (when it is shared with other threads).
     """
-    import pydicom
-
+    from volseg.data.dicom import read_dataset
     from volseg.data.writers import label_counts
+    from volseg.evaluate import prediction_base
     from volseg.infer import save_prediction
 
     times: dict[str, float] = {}
@@ -458,10 +460,11 @@ def round_trip(
         wanted = list(formats or (["nifti"] if output is not None else []))
         if "dicom-seg" not in wanted:
             wanted.append("dicom-seg")
-        base = (output if output is not None else tmp / "out") / f"{chosen.uid}_seg"
+        base = prediction_base(chosen.uid, output if output is not None else tmp / "out")
         paths = save_prediction(pred, base, wanted, predictor.segments, predictor.algorithm)
         seg_path = next(p for p in paths if p.name.endswith(".dcm"))
-        seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+        seg = read_dataset(seg_path, pixels=False)
+        assert seg is not None  # written just now
         times["write"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         server.store(seg_path, study_uid)
@@ -518,7 +521,7 @@ def run_dicomweb_inference(
     from volseg.infer import Predictor, find_latest_run  # torch: after the server has answered
 
     bundle = Path(bundle_dir) if bundle_dir else find_latest_run()
-    predictor = Predictor(bundle, device, engine, trust, precision, overrides)
+    predictor = Predictor.from_bundle(bundle, device, engine, trust, precision, overrides)
     echo(f"bundle {bundle}  device {predictor.device}")
     for note in predictor.notes:
         echo(note)
@@ -654,7 +657,8 @@ class OrthancWatcher:
         if isinstance(predictor, (str, Path)):
             from volseg.infer import Predictor
 
-            predictor = Predictor(Path(predictor), device)  # a bundle problem is an error now, not per series
+            # A bundle problem is an error now, not per series.
+            predictor = Predictor.from_bundle(Path(predictor), device)
         self.predictor = predictor
 
     # State
