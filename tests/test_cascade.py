@@ -8,7 +8,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from volseg.cascade import box_affine, fine_recipe, merge, refine, region_box, roi_values, write_fine_dataset
+from volseg.cascade import (
+    box_affine,
+    fine_recipe,
+    merge,
+    refine,
+    region_box,
+    region_mask,
+    roi_values,
+    write_fine_dataset,
+)
 from volseg.errors import UserError
 from volseg.recipe import load_recipe
 
@@ -50,9 +59,7 @@ def test_bad_cascade_sections_are_refused(override, message):
 
 def test_cascade_needs_3d():
     with pytest.raises(UserError, match="cascade needs a 3D model"):
-        load_recipe(
-            "configs/cells_2d.yaml", ['cascade={"spacing": [1.0, 1.0], "patch_size": [64, 64]}']
-        )
+        load_recipe("configs/cells_2d.yaml", ['cascade={"spacing": [1.0, 1.0], "patch_size": [64, 64]}'])
 
 
 def test_region_box_ignores_specks_and_adds_the_margin_in_mm():
@@ -69,6 +76,25 @@ def test_region_box_ignores_specks_and_adds_the_margin_in_mm():
     # Per-side margins (low, high) per axis; clipped to the image.
     sides = region_box(mask, affine, np.array([[30.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
     assert sides == (slice(0, 20), slice(5, 16), slice(4, 8))
+
+
+def test_region_mask_drops_islands_smaller_than_half_of_their_labels_largest():
+    labels = np.zeros((60, 40, 30), np.uint8)
+    labels[5:25, 5:25, 5:25] = 1  # the liver: 8000 voxels
+    labels[10:14, 10:14, 10:14] = 2  # a lesion inside it: the same object
+    labels[20:25, 20:30, 5:25] = 2  # a lesion at its edge, reaching outside: still the same object
+    labels[40:55, 5:20, 5:20] = 1  # muscle taken for liver: 3375 voxels, under half of the liver
+    labels[40:50, 25:35, 20:28] = 3  # another region label (spleen): its own largest, kept
+    labels[58, 38, 28] = 3  # a speck of it: dropped
+    mask = region_mask(labels, [1, 2, 3])
+    assert mask[5:25, 5:25, 5:25].all() and mask[20:25, 25:30, 5:25].all()
+    assert not mask[40:55, 5:20, 5:20].any()
+    assert mask[40:50, 25:35, 20:28].all() and not mask[58, 38, 28]
+    # A second liver-sized island (a second kidney, say) is kept.
+    labels[40:55, 5:20, 5:20] = 0
+    labels[35:55, 5:25, 5:25] = 1
+    assert region_mask(labels, [1, 2, 3])[35:55, 5:25, 5:25].all()
+    assert not region_mask(np.zeros((3, 3, 3), np.uint8), [1]).any()
 
 
 def test_box_affine_keeps_world_positions():
@@ -143,3 +169,114 @@ def test_fine_crops_follow_the_reference_region_and_keep_geometry(tmp_path):
         # margins of 4-8 mm: 3-6 voxels at 1.5 mm in-plane
         assert 3 <= (np.argwhere(full_lab)[:, 0].min() - offset[0]) <= 6
     assert roi_values(r) == [1]
+
+
+@pytest.fixture(scope="module")
+def cascade_run(tiny_data, tmp_path_factory):
+    """A tiny two-stage bundle trained through the command line (2 epochs per stage)."""
+    import yaml
+    from helpers import TINY_RECIPE
+
+    from volseg.cli import main
+
+    raw = json.loads(json.dumps(TINY_RECIPE))
+    raw["name"] = "tiny_cascade"
+    raw["train"]["max_epochs"] = 2
+    raw["cascade"] = {"spacing": [4.0, 4.0, 4.0], "patch_size": [16, 16, 16], "roi_labels": ["liver"],
+                      "margin_mm": 10.0, "max_epochs": 2}  # fmt: skip
+    folder = tmp_path_factory.mktemp("cascade")
+    recipe_path = folder / "tiny_cascade.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    run = folder / "run"
+    rc = main(["train", "--config", str(recipe_path), "--data", str(tiny_data), "--out", str(run),
+               "--skip-data-check"])  # fmt: skip
+    assert rc in (0, None)
+    return run
+
+
+@pytest.mark.slow
+def test_a_cascade_trains_into_one_bundle_and_infer_runs_both_stages(cascade_run, tmp_path, monkeypatch):
+    from helpers import save_nifti
+
+    from volseg.cascade import FINE_DIR, CascadeEngine
+    from volseg.data.synth import liver_ct_phantom
+    from volseg.infer import Predictor
+    from volseg.trust import check_bundle
+
+    run = cascade_run
+    assert (run / "models" / "model.pt").is_file() and (run / FINE_DIR / "models" / "model.pt").is_file()
+    check_bundle(run)  # the fine stage's scripts are volseg's own, so the whole bundle passes
+    check_bundle(run / FINE_DIR)
+    fine_recipe_file = yaml_load(run / FINE_DIR / "configs" / "volseg_recipe.yaml")
+    assert fine_recipe_file["data"]["spacing"] == [4.0, 4.0, 4.0] and fine_recipe_file["train"]["max_epochs"] == 2
+    # Same split for both stages: the fine stage validated on crops of the coarse stage's validation cases.
+    coarse_train = json.loads((run / "configs" / "train.json").read_text())
+    fine_train = json.loads((run / FINE_DIR / "configs" / "train.json").read_text())
+    assert len(coarse_train["val_cases"]) == len(fine_train["val_cases"]) >= 1
+
+    predictor = Predictor.from_bundle(run, "cpu", precision="fp32")
+    assert isinstance(predictor.engine, CascadeEngine)
+    ph = liver_ct_phantom(21, shape=(48, 40, 24), axcodes="LPS")
+    src = save_nifti(tmp_path / "ct.nii.gz", ph.image, ph.affine)
+    seen = []
+    fine_segment = predictor.engine.fine.segment
+    coarse_segment = predictor.engine.coarse.segment
+
+    def spy(image, probabilities=False):
+        seen.append((image.array.shape, image.affine))
+        return fine_segment(image, probabilities)
+
+    monkeypatch.setattr(predictor.engine.fine, "segment", spy)
+    pred = predictor.predict(src)
+    assert pred.labels.shape == ph.image.shape
+    np.testing.assert_allclose(pred.affine, ph.affine, atol=1e-5)
+    # The answer is the merge of the coarse labels and the fine stage's labels on the box, as documented.
+    from volseg.imageio import read_image
+
+    image = read_image(src)
+    coarse = coarse_segment(image).labels
+    box = region_box(region_mask(coarse, [1]), image.affine, 10.0, keep_fraction=0.0)
+    if box is None:
+        assert not seen and np.array_equal(pred.labels, coarse)
+    else:
+        assert len(seen) == 1 and seen[0][0] == tuple(s.stop - s.start for s in box)
+        np.testing.assert_allclose(seen[0][1], box_affine(image.affine, box))
+        crop = read_image(src)
+        crop.array, crop.affine = np.ascontiguousarray(image.array[box]), box_affine(image.affine, box)
+        fine = fine_segment(crop).labels
+        assert np.array_equal(pred.labels, merge(coarse, fine, box, [1]))
+    with pytest.raises(UserError, match="labels, not probabilities"):
+        predictor.predict(src, probabilities=True)
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+def test_a_cascade_bundle_whose_fine_stage_is_not_its_own_is_refused(cascade_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from volseg.cascade import FINE_DIR
+    from volseg.infer import Predictor
+    from volseg.trust import bundle_problem
+
+    run = tmp_path / "run"
+    shutil.copytree(cascade_run, run)
+    recipe_file = run / FINE_DIR / "configs" / "volseg_recipe.yaml"
+    raw = yaml.safe_load(recipe_file.read_text())
+    raw["data"]["spacing"] = [2.0, 2.0, 2.0]
+    recipe_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="not the fine stage of the bundle's recipe"):
+        Predictor.from_bundle(run, "cpu")
+    shutil.rmtree(run / FINE_DIR)
+    with pytest.raises(UserError, match="holds no bundle"):
+        Predictor.from_bundle(run, "cpu")
+    # Code outside volseg's own scripts in the nested stage is refused by the trust check.
+    shutil.copytree(cascade_run / FINE_DIR, run / FINE_DIR)
+    (run / FINE_DIR / "extra.py").write_text("import os\n")
+    assert "Python code outside scripts/" in (bundle_problem(run) or "")

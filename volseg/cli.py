@@ -97,6 +97,20 @@ def train(
     if fold is not None and folds is None:
         raise UserError("--fold k needs --folds K", "--fold")
     try:
+        if recipe.cascade is not None:
+            if folds is not None:
+                raise UserError("--folds is not available for a cascade recipe (two stages) yet", "--folds")
+            from volseg.cascade import train_cascade
+
+            stages = train_cascade(
+                recipe, root, run_dir, resume=resume, echo=_echo, device=device, overrides=set_ or [],
+                nproc_per_node=nproc_per_node,
+            )  # fmt: skip
+            for stage, r in zip(("coarse", "fine"), stages, strict=True):
+                dice = "  ".join(f"{k} {v:.4f}" for k, v in r.per_label_dice.items())
+                _echo(f"{stage} stage: {r.epochs} epochs in {r.seconds:.0f} s; validation Dice {dice}")
+            _echo(f"bundle: {stages[0].run_dir}")
+            return
         if folds is not None:
             from volseg.folds import train_folds
 
@@ -464,17 +478,23 @@ def check_recipe(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="demo folder")] = Path("demo"),
-    config: Annotated[Path, typer.Option(help="recipe")] = REPO_CONFIGS / "demo_liver_ct.yaml",
+    config: Annotated[
+        Path | None, typer.Option(help="a recipe instead of the plan (e.g. configs/demo_liver_ct.yaml)")
+    ] = None,
+    time_budget: Annotated[
+        str, typer.Option("--time-budget", help="training time the plan is made for (both stages), e.g. 12m")
+    ] = "12m",
     n_train: Annotated[int, typer.Option("--n-train", help="synthetic training cases")] = 10,
-    n_test: Annotated[int, typer.Option("--n-test", help="held-out synthetic cases")] = 3,
+    n_test: Annotated[int, typer.Option("--n-test", help="held-out phantoms of the training generator")] = 5,
+    n_torso: Annotated[int, typer.Option("--n-torso", help="held-out phantoms of the other family (torso_ct)")] = 2,
     set_: Annotated[list[str] | None, typer.Option("--set", help="recipe override")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
 ) -> None:
-    """Synthesise CT phantoms, train the demo recipe, segment held-out phantoms and score them."""
+    """Synthesise CT phantoms, plan for a time budget, train, segment held-out phantoms of two families, score."""
     _quiet_libraries()
     from volseg.demo import run_demo
 
-    run_demo(out, config, n_train, n_test, set_ or [], device, echo=_echo)
+    run_demo(out, config, n_train, n_test, set_ or [], device, echo=_echo, n_torso=n_torso, time_budget=time_budget)
 
 
 @app.command("watch-orthanc")

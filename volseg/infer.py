@@ -192,6 +192,13 @@ class Predictor(metaclass=_BundleShorthand):
 
         folds = fold_weights(bundle) if recipe is not None else []
         chosen = _choose_engine(bundle, engine, recipe, dev, precision, overrides, trust, configs, folds, notes)
+        if recipe is not None and recipe.cascade is not None:
+            # A cascade (volseg.cascade): the bundle is the coarse stage, stages/fine/ the fine one, vetted alike.
+            from volseg.cascade import CascadeEngine, check_fine_stage
+
+            fine = cls.from_bundle(check_fine_stage(recipe, bundle), device, engine, trust, precision, overrides)
+            notes += [n for n in fine.notes if n not in notes]
+            chosen = CascadeEngine(recipe, chosen, fine.engine)
         return cls(
             chosen,
             segments=_segments(bundle, recipe),

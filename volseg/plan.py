@@ -99,7 +99,7 @@ LOADING_OVERHEAD = 1.25
 #: On a CPU with a time budget the patch shrinks (re-measured) until the budget gives this many iterations.
 MIN_ITERATIONS = 500
 #: A cascade's fine stage with small objects: its patch is fitted to leave this many iterations in its budget.
-FINE_MIN_ITERATIONS = 1500
+FINE_MIN_ITERATIONS = 800
 #: A cascade's coarse stage: its patch is fitted to leave this many iterations in its share of the budget.
 COARSE_MIN_ITERATIONS = 1000
 #: A cascade's coarse stage multiplies the finest target spacing by at least this much.

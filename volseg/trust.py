@@ -132,16 +132,18 @@ def _bundle_tree(root: Path) -> tuple[set[str], list[Path]]:
 
 
 def _code_elsewhere(root: Path) -> str | None:
-    """Python code outside configs/ and scripts/; a fold's own bundle (folds/fold_k/) may hold volseg's scripts."""
+    """Python code outside configs/ and scripts/; a fold's own bundle (folds/fold_k/) and a cascade's fine stage
+    (stages/fine/) may hold volseg's scripts."""
     from volseg.bundle import SCRIPTS_SOURCE
 
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if rel.parts[0] in ("configs", "scripts") or "__pycache__" in rel.parts[:4] and rel.parts[0] == "folds":
+        nested = rel.parts[0] in ("folds", "stages")
+        if rel.parts[0] in ("configs", "scripts") or "__pycache__" in rel.parts[:4] and nested:
             continue
         if not path.name.lower().endswith(_CODE_SUFFIXES) or path.is_dir():
             continue
-        fold_script = len(rel.parts) == 4 and rel.parts[0] == "folds" and rel.parts[2] == "scripts"
+        fold_script = len(rel.parts) == 4 and nested and rel.parts[2] == "scripts"
         own = SCRIPTS_SOURCE / rel.parts[-1]
         if fold_script and not path.is_symlink() and own.is_file() and own.read_bytes() == path.read_bytes():
             continue

@@ -1,0 +1,39 @@
+"""The demo end to end with a small recipe: two phantom families held out, per-lesion detection, QC pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TINY_RECIPE
+
+
+@pytest.mark.slow
+def test_demo_scores_both_families_and_writes_a_picture_per_case(tmp_path: Path, monkeypatch) -> None:
+    from volseg.demo import LESION_SIZES_MM, run_demo
+    from volseg.infer import find_latest_run
+
+    raw = json.loads(json.dumps(TINY_RECIPE))
+    raw["train"].update(max_epochs=1, iterations_per_epoch=2)
+    raw["cascade"] = {"spacing": [6.0, 6.0, 6.0], "patch_size": [16, 16, 16], "roi_labels": ["liver"]}
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    lines: list[str] = []
+    out = tmp_path / "demo"
+    mean = run_demo(out, config, n_train=3, n_test=1, n_torso=1, device="cpu", echo=lines.append)
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["stages"] == 2 and (out / "run" / "stages" / "fine" / "models" / "model.pt").is_file()
+    assert set(mean) == set(summary["heldout_dice"]) == {"liver", "torso"}
+    assert all("liver" in m for m in mean.values())  # both families have a liver to score
+    assert [c["family"] for c in summary["cases"]] == ["liver", "torso"]
+    bins = summary["lesions_found"]
+    assert len(bins) == len(LESION_SIZES_MM) + 1 and all(b["found"] <= b["present"] for b in bins.values())
+    assert sum(b["present"] for b in bins.values()) >= 1  # the held-out phantoms have lesions to find
+    pictures = sorted(p.name for p in (out / "predictions").glob("*_qc.png"))
+    assert len(pictures) == 2 and all((out / "predictions" / p).stat().st_size > 1000 for p in pictures)
+    assert any(line.startswith("[5/5]") for line in lines) and any("lesions" in line for line in lines)
+    # `volseg infer SCAN` run from the demo's parent folder (no runs/ there) uses the demo's bundle.
+    monkeypatch.chdir(tmp_path)
+    assert find_latest_run().resolve() == (out / "run").resolve()
