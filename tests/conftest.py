@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import (  # noqa: F401  (re-exported for `from tests.conftest import ...`)
-    REPO,
-    SCHEMA,
-    SCHEMA_MD5,
-    TINY_RECIPE,
-    save_nifti,
-    save_phantom,
-)
+from helpers import TINY_RECIPE, save_phantom
 
 from volseg.data.synth import liver_ct_phantom
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY_RECIPE, save_nifti
+from helpers import TINY_RECIPE, monai_chain, random_net, save_nifti
+from helpers import organ_recipe as _recipe
 
-from tests.test_monai_drift import _recipe, monai_chain, random_net
 from volseg.data.validate import check_image_file, replace_non_finite
 from volseg.errors import UserError
 from volseg.fastpath import FastEngine

@@ -7,14 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, monai_chain_labels, random_net
+from helpers import organ_recipe as _recipe
 
-from tests.conftest import REPO
 from volseg.fastpath import TESTED_MONAI, FastEngine, model_grid, monai_drift_warning, unsupported_reason
 from volseg.recipe import recipe_from_dict
 
@@ -64,53 +64,6 @@ def test_model_grid_equals_monai_spacing_transform(name: str, shape: tuple[int, 
     m = np.eye(4)
     m[:3, :3], m[:3, 3] = np.diag(scale), shift
     np.testing.assert_allclose(affine @ m, np.asarray(out.affine, dtype=np.float64), rtol=0, atol=1e-6)
-
-
-def _recipe(data: dict[str, Any] | None = None, **sections: Any):
-    raw: dict[str, Any] = {
-        "name": "drift",
-        "data": {"labels": {"background": 0, "organ": 1}, "spacing": [2.0, 2.0, 3.0], **(data or {})},
-        "model": {"name": "unet", "args": {"channels": [8, 16, 32], "strides": [2, 2]}},
-        "train": {"patch_size": [16, 16, 16]},
-        "infer": {"sw_batch_size": 2},
-    }
-    raw.update(sections)
-    return recipe_from_dict(raw)
-
-
-def random_net(recipe: Any, seed: int = 3) -> torch.nn.Module:
-    """The recipe's network with random weights (an untrained network still gives both classes here)."""
-    from volseg.nets import build_network, network_config
-
-    torch.manual_seed(seed)
-    m = recipe.model
-    cfg = network_config(m.name, m.spatial_dims, m.in_channels, recipe.num_classes, m.args, for_inference=True)
-    return build_network(cfg).eval()
-
-
-def monai_chain(recipe: Any) -> tuple[Any, Any, Any]:
-    """The bundle's MONAI chain for a recipe (the components a bundle's inference.json holds): pre, inferer, post."""
-    from monai.bundle import ConfigParser
-
-    from volseg.data import transforms as T
-
-    parser = ConfigParser(
-        {
-            "preprocessing": {"_target_": "Compose", "transforms": T.infer_preprocessing(recipe)},
-            "postprocessing": {"_target_": "Compose", "transforms": T.infer_postprocessing(recipe)},
-            "inferer": T.sliding_window(recipe),
-        }
-    )
-    return tuple(parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
-
-
-def monai_chain_labels(recipe: Any, net: torch.nn.Module, data: dict[str, Any]) -> np.ndarray:
-    """Labels on the input grid from the MONAI chain, for ``{"image": path}`` (or a dict already loaded)."""
-    pre, inferer, post = monai_chain(recipe)
-    data = pre(data)
-    with torch.inference_mode():
-        data["pred"] = inferer(data["image"][None], net)[0]
-    return np.asarray(post(data)["pred"][0]).astype(np.uint8)
 
 
 @pytest.mark.parametrize("name", ["ras", "lps", "oblique", "oblique_flipped", "sagittal", "anisotropic"])
