@@ -143,9 +143,8 @@ def test_train_and_infer_on_two_channels(tmp_path: Path) -> None:
     # A case's channel files, stacked, segment with the bundle (both engines: same grid as the channels).
     case = load_datalist(ds)[0]
     src = stack_channels(case["image"], tmp_path / "case_stacked.nii.gz")
-    make = getattr(Predictor, "from_bundle", Predictor)  # (the constructor before from_bundle)
-    fast = make(run, "cpu", precision="fp32").predict(src)
-    chain = make(run, "cpu", "monai").predict(src)
+    fast = Predictor.from_bundle(run, "cpu", precision="fp32").predict(src)
+    chain = Predictor.from_bundle(run, "cpu", "monai").predict(src)
     label = nib.load(case["label"])
     assert fast.labels.shape == chain.labels.shape == label.shape
     assert np.allclose(fast.affine, label.affine, atol=1e-4)
