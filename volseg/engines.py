@@ -138,6 +138,11 @@ class MonaiEngine:
 
         from volseg.monai_compat import preprocess
 
+        steps = list(self.preprocessing.transforms)
+        if not isinstance(source, Path) and not (steps and isinstance(steps[0], LoadImaged)) and source.path.is_file():
+            # A chain that does something before (or instead of) loading, e.g. a trusted bundle from elsewhere:
+            # run it whole, from the file, as `monai.bundle run` would.
+            source = source.path
         if isinstance(source, Path):
             try:
                 data, note = preprocess(self.preprocessing, {"image": str(source)}, source)
@@ -159,7 +164,6 @@ class MonaiEngine:
                 "space": "RAS",
             },
         )
-        steps = list(self.preprocessing.transforms)
         first = next((i + 1 for i, t in enumerate(steps) if isinstance(t, LoadImaged)), 0)
         keys = ("map_items", "unpack_items", "log_stats", "lazy", "overrides")
         options = {k: getattr(self.preprocessing, k) for k in keys}
