@@ -231,12 +231,10 @@ def out_of_fold(run: FoldRun, mirror: bool, device: str, echo: Callable[[str], N
 
 def _truth(case: dict[str, Any], recipe: Any) -> np.ndarray:
     """A validation case's reference labels, with the recipe's label map applied."""
-    import nibabel as nib
+    from volseg.imageio import is_nifti, read_image, read_labels
 
-    try:
-        data = np.asarray(nib.load(case["label"]).dataobj)  # type: ignore[attr-defined]
-    except Exception as exc:  # noqa: BLE001 - an unreadable label is the data set's problem
-        raise UserError(f"cannot read the label ({exc.__class__.__name__})", case["label"]) from None
+    path = case["label"]
+    data = np.asarray(read_labels(path)[0]) if is_nifti(path) else np.rint(read_image(path).array)
     data = np.rint(data).astype(np.int64) if data.dtype.kind == "f" else data.astype(np.int64)
     data = data.reshape(data.shape[:3]) if data.ndim > 3 and all(s == 1 for s in data.shape[3:]) else data
     if recipe.data.label_map:

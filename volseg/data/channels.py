@@ -33,16 +33,14 @@ def first_file(image: Any) -> Path:
 
 
 def _load(path: Path) -> Any:
-    import nibabel as nib
+    from volseg.imageio import read_image
 
-    try:
-        return nib.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a problem of the user's file
-        raise UserError(f"cannot read image ({exc.__class__.__name__})", path) from None
+    return read_image(path)
 
 
 def read_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray]:
-    """NIfTI channel files as one float32 array, channels last, and the first file's affine.
+    """Channel files (any format :func:`volseg.imageio.read_image` reads) as one float32 array, channels last, and
+    the first file's affine.
 
     Raises:
         UserError: a file cannot be read, is not single-channel, or lies on another grid than the first.
@@ -50,7 +48,7 @@ def read_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray]:
     arrays, affine, shape = [], None, None
     for p in map(Path, paths):
         img = _load(p)
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = np.asarray(img.array, dtype=np.float32)
         if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
             data = data.reshape(data.shape[:3])
         if data.ndim not in (2, 3):

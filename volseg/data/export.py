@@ -38,11 +38,11 @@ def _labels(data_root: Path, recipe: Any, label_paths: list[str]) -> dict[str, i
                 return {str(k): int(v) for k, v in found.items()}
         except (OSError, ValueError, AttributeError):
             pass
-    import nibabel as nib
+    from volseg.imageio import read_labels
 
     values: set[int] = set()
     for path in label_paths:
-        values |= {int(v) for v in np.unique(np.asarray(nib.load(path).dataobj))}  # type: ignore[attr-defined]
+        values |= {int(v) for v in np.unique(read_labels(path)[0])}
     return {"background": 0, **{f"label_{v}": v for v in sorted(values) if v}}
 
 
@@ -50,24 +50,13 @@ def _write_image(src: Path, out_base: Path) -> int:
     """``src`` as NIfTI channel files ``<out_base>_XXXX.nii.gz``; returns the number of channels."""
     import nibabel as nib
 
-    name = src.name.lower()
-    if src.is_dir():
-        from volseg.data.dicom import read_series
+    from volseg.imageio import is_nifti, nifti_header, read_image
 
-        vol = read_series(src)
-        img: Any = nib.Nifti1Image(np.asarray(vol.array), vol.affine)
-    elif name.endswith((".nii", ".nii.gz")):
-        img = nib.load(str(src))
+    if is_nifti(src):
+        img: Any = nifti_header(src)  # kept as stored (type, scaling, header); voxels read below
     else:
-        import SimpleITK as sitk
-
-        conv = Path(f"{out_base}.conv.nii.gz")
-        try:
-            sitk.WriteImage(sitk.ReadImage(str(src)), str(conv))
-            loaded: Any = nib.load(str(conv))
-            img = nib.Nifti1Image(np.asarray(loaded.dataobj), loaded.affine, loaded.header)
-        finally:
-            conv.unlink(missing_ok=True)
+        read = read_image(src)  # DICOM folder, NRRD, MHA/MHD: voxels and RAS affine
+        img = nib.Nifti1Image(np.asarray(read.array), read.affine)
     channels = img.shape[3] if len(img.shape) == 4 else 1
     for k in range(channels):
         data = np.asarray(img.dataobj[..., k]) if channels > 1 else np.asarray(img.dataobj)
