@@ -144,8 +144,8 @@ def _gzip_reason(exc: BaseException) -> str:
     return text
 
 
-def _parse_header(path: Path, head: bytes) -> tuple[Any, int]:
-    """Check the raw header fields; return the nibabel header and the bytes the file must hold."""
+def _header_kind(path: Path, head: bytes) -> tuple[str, Any, int]:
+    """(byte order, nibabel header class, header size) of a single-file NIfTI-1 or NIfTI-2 header."""
     import nibabel as nib
 
     if len(head) < 348:
@@ -167,7 +167,12 @@ def _parse_header(path: Path, head: bytes) -> tuple[Any, int]:
     else:
         first = struct.unpack("<i", head[:4])[0]
         raise UserError(f"not a NIfTI file (header size field is {first}, expected 348 or 540)", path)
-    raw = klass(head[:header_size], endianness=endian, check=False)
+    return endian, klass, header_size
+
+
+def _check_sizes(path: Path, raw: Any, header_size: int) -> tuple[int, list[int], int, float]:
+    """dim, datatype and vox_offset: (ndim, shape, datatype code, offset)."""
+    import nibabel as nib
 
     dim = [int(v) for v in raw["dim"]]
     ndim = dim[0]
@@ -191,6 +196,13 @@ def _parse_header(path: Path, head: bytes) -> tuple[Any, int]:
         raise UserError(
             f"vox_offset {offset:g} is impossible for a single-file NIfTI (at least {header_size + 4})", path
         )
+
+    return ndim, shape, code, offset
+
+
+def _check_geometry(path: Path, raw: Any, ndim: int) -> tuple[int, int]:
+    """pixdim, scaling, the qform and the sform: (qform_code, sform_code)."""
+    import nibabel as nib
 
     pixdim = [float(v) for v in raw["pixdim"][1 : min(ndim, 3) + 1]]
     if not all(math.isfinite(v) for v in pixdim):
@@ -234,7 +246,13 @@ def _parse_header(path: Path, head: bytes) -> tuple[Any, int]:
         if not np.all(np.isfinite(srow)):
             raise UserError(f"sform rows {_fmt(srow)} are not finite", path)
 
-    header = _fixed_header(path, klass, head[:header_size], endian)
+    return qcode, scode
+
+
+def _header_affine(path: Path, header: Any, ndim: int, qcode: int, scode: int) -> None:
+    """The affine nibabel computes from the header: finite and not singular."""
+    import nibabel as nib
+
     try:
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     except (ValueError, KeyError, ArithmeticError, nib.spatialimages.HeaderDataError) as exc:
@@ -249,8 +267,18 @@ def _parse_header(path: Path, head: bytes) -> tuple[Any, int]:
             f"singular affine from the {which} (a voxel axis of length {sv.min():.3g} mm or axes that coincide)",
             path,
         )
+
+
+def _parse_header(path: Path, head: bytes) -> tuple[Any, int]:
+    """Check the raw header fields; return the nibabel header and the bytes the file must hold."""
+    endian, klass, header_size = _header_kind(path, head)
+    raw = klass(head[:header_size], endianness=endian, check=False)
+    ndim, shape, code, offset = _check_sizes(path, raw, header_size)
+    qcode, scode = _check_geometry(path, raw, ndim)
+    header = _fixed_header(path, klass, head[:header_size], endian)
+    _header_affine(path, header, ndim, qcode, scode)
     itemsize = np.dtype(SUPPORTED_DTYPES[code]).itemsize
-    return header, int(offset) + voxels * itemsize
+    return header, int(offset) + math.prod(shape) * itemsize
 
 
 def _known_codes() -> set[int]:
