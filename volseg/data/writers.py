@@ -636,27 +636,10 @@ def _lo(text: str) -> str:
     return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
 
 
-def _write_dicom_seg(
-    labels: np.ndarray,
-    affine: np.ndarray,
-    path: Path,
-    segments: Sequence[SegmentInfo],
-    files: Sequence[Path],
-    algorithm: dict[str, Any] | None,
-) -> None:
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    sources = _read_sources(files)
+def _seg_geometry(labels: np.ndarray, affine: np.ndarray, sources: list[Any]) -> dict[str, Any]:
+    """The SEG's frames: source images in frame order, their positions, orientation and steps in LPS."""
     ni, nj, nk = labels.shape
     first = sources[0]
-    if (int(first.Rows), int(first.Columns)) != (nj, ni):
-        raise UserError(
-            f"source images are {first.Rows} rows x {first.Columns} columns but the labels have {nj} rows x "
-            f"{ni} columns: not the same grid",
-            files[0],
-        )
-
     # Geometry of the labels' grid in LPS: i runs along the row cosine, j along the column cosine.
     lps = LPS_TO_RAS @ affine
     col_step, row_step = float(np.linalg.norm(lps[:3, 0])), float(np.linalg.norm(lps[:3, 1]))
@@ -693,11 +676,17 @@ def _write_dicom_seg(
     if len(source_orientation) == 6 and np.max(np.abs(np.subtract(orientation, source_orientation))) <= 1e-4:
         orientation = source_orientation
 
-    # Label map remapped to segment numbers 1..N, as (frames, rows, columns) = (k, j, i).
-    lut = np.zeros(256, dtype=np.uint8)
-    for number, seg in enumerate(segments, start=1):
-        lut[seg.value] = number
-    pixels = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))
+    return {"source_images": source_images, "further": further, "orientation": orientation,
+            "frame_positions": frame_positions, "row_step": row_step, "col_step": col_step,
+            "slice_step": slice_step}  # fmt: skip
+
+
+def _seg_descriptions(
+    segments: Sequence[SegmentInfo], algorithm: dict[str, Any] | None
+) -> tuple[list[Any], dict[str, Any]]:
+    """highdicom's segment descriptions, and the algorithm's name, version, bundle and bundle version."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
 
     algo = {"name": "volseg", "version": __version__, **(algorithm or {})}
     name, version = str(algo.get("name") or "volseg"), str(algo.get("version") or __version__)
@@ -729,6 +718,44 @@ def _write_dicom_seg(
             )
         )
 
+    return descriptions, {"name": name, "version": version, "bundle": bundle, "bundle_version": bundle_version}
+
+
+def _write_dicom_seg(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    path: Path,
+    segments: Sequence[SegmentInfo],
+    files: Sequence[Path],
+    algorithm: dict[str, Any] | None,
+) -> None:
+    import highdicom as hd
+
+    sources = _read_sources(files)
+    ni, nj, _ = labels.shape
+    first = sources[0]
+    if (int(first.Rows), int(first.Columns)) != (nj, ni):
+        raise UserError(
+            f"source images are {first.Rows} rows x {first.Columns} columns but the labels have {nj} rows x "
+            f"{ni} columns: not the same grid",
+            files[0],
+        )
+    g = _seg_geometry(labels, affine, sources)
+    source_images, further, orientation = g["source_images"], g["further"], g["orientation"]
+    frame_positions, row_step, col_step, slice_step = (
+        g["frame_positions"],
+        g["row_step"],
+        g["col_step"],
+        g["slice_step"],
+    )
+    # Label map remapped to segment numbers 1..N, as (frames, rows, columns) = (k, j, i).
+    lut = np.zeros(256, dtype=np.uint8)
+    for number, seg in enumerate(segments, start=1):
+        lut[seg.value] = number
+    pixels = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))
+
+    descriptions, algo = _seg_descriptions(segments, algorithm)
+    name, version, bundle, bundle_version = algo["name"], algo["version"], algo["bundle"], algo["bundle_version"]
     model = f"{bundle} {bundle_version}".strip() if bundle else name
     description = _lo(f"{name} {version}" + (f": {model}" if bundle else ""))
     thickness = first.get("SliceThickness")
