@@ -99,17 +99,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     return out
 
 
-class _BundleShorthand(type):
-    """``Predictor(bundle_dir, ...)`` (a path first) is ``Predictor.from_bundle(bundle_dir, ...)``, as it was before
-    the two were apart; the constructor itself takes an engine."""
-
-    def __call__(cls, engine: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(engine, (str, os.PathLike)):
-            return cls.from_bundle(engine, *args, **kwargs)  # type: ignore[attr-defined]
-        return super().__call__(engine, *args, **kwargs)
-
-
-class Predictor(metaclass=_BundleShorthand):
+class Predictor:
     """Segments images with one engine (:mod:`volseg.engines`) and describes the output's segments.
 
     Made from a bundle by :meth:`from_bundle`; the constructor takes the parts (an engine built elsewhere, e.g. a

@@ -569,7 +569,7 @@ def create_app(
         from volseg.infer import Predictor
 
         def predictor_factory(path: Path) -> Any:
-            return Predictor(path, device, engine, precision=precision)
+            return Predictor.from_bundle(path, device, engine, precision=precision)
 
     service = Service(named, limits, predictor_factory, engine, Path(work_dir) if work_dir else None, warmup)
     service.watcher_factory = watcher_factory
