@@ -1,8 +1,10 @@
 """MONAI transform chains built from a recipe, as MONAI bundle components.
 
-Each function returns a list of ``{"_target_": "SomeTransformd", ...}`` dicts. volseg instantiates these same
-dicts for training and inference (:func:`instantiate`), and the bundle writer copies them into the bundle's
-configs, so what a bundle runs is exactly what volseg trained and validated with.
+Each function returns a list of ``{"_target_": "SomeTransformd", ...}`` dicts. The trainer instantiates these
+dicts (:func:`instantiate`) for training and validation, and the bundle writer copies them into the bundle's
+configs, so that ``monai.bundle run`` and MONAI Label run what volseg trained and validated with; volseg's MONAI
+engine builds the inference chain from those configs once they are found exactly volseg's. The fast engine
+(:mod:`volseg.fastpath`) does not use them: it computes the same steps itself, and the tests hold it to the chain.
 """
 
 from __future__ import annotations
