@@ -251,18 +251,10 @@ def _truth(case: dict[str, Any], recipe: Any) -> np.ndarray:
 
 def keep_largest(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
     """A copy of ``labels`` keeping only the largest face-connected component of each of ``values`` (the rest
-    becomes background), as the fast engine's postprocessing does."""
-    from scipy import ndimage
+    becomes background): the fast engine's postprocessing itself."""
+    from volseg.fastpath import _largest_component
 
-    out = labels.copy()
-    for v in values:
-        mask = out == v
-        comp, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            out[mask & (comp != sizes.argmax())] = 0
-    return out
+    return _largest_component(labels.copy(), list(values))
 
 
 def _mean_dice(per_case: list[dict[str, float]]) -> dict[str, float]:
