@@ -307,6 +307,7 @@ def train_cascade(
     """
     import tempfile
 
+    from volseg.data.datalist import load_datalist, split_cases
     from volseg.train import LAST, _read_result, split_run_cases, train
 
     if recipe.cascade is None:
@@ -314,6 +315,7 @@ def train_cascade(
     run_dir = Path(run_dir).resolve()
     fine = fine_recipe(recipe)
     fine_dir = run_dir / FINE_DIR
+    s = recipe.data.split
     results = []
     for stage, stage_dir in (("coarse", run_dir), ("fine", fine_dir)):
         if (stage_dir / "logs" / "result.json").is_file() and (stage_dir / LAST).is_file() and resume:
@@ -325,8 +327,8 @@ def train_cascade(
             echo(f"coarse stage ({recipe.model.name}, spacing {list(recipe.data.spacing or [])} mm)")
             results.append(train(recipe, data_root, stage_dir, resume=started, echo=echo, **train_kwargs))
             continue
-        train_cases, val_cases, _ = split_run_cases(recipe, data_root)
-        ordered = _in_datalist_order(recipe, data_root)
+        ordered = load_datalist(data_root, recipe.data.source)
+        _, val_cases = split_cases(ordered, s.val_fraction, s.folds, s.fold, s.seed)
         with tempfile.TemporaryDirectory(prefix="volseg-fine-") as tmp:
             echo(f"fine stage: cropping {len(ordered)} cases around labels {roi_values(recipe)}")
             fine_root, names = write_fine_dataset(recipe, ordered, Path(tmp), seed=recipe.train.seed)
@@ -341,9 +343,3 @@ def train_cascade(
 
 def _first(image: str | list[str]) -> Path:
     return Path(image[0] if isinstance(image, list) else image)
-
-
-def _in_datalist_order(recipe: Recipe, data_root: str | Path) -> list[dict[str, str]]:
-    from volseg.data.datalist import load_datalist
-
-    return load_datalist(data_root, recipe.data.source)
