@@ -50,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     pre_s = (time.perf_counter() - t) / len(cached)
     chain = train_sampling(recipe)
     rows = []
-    # The crop first (every later transform sees patches), then each transform on the crops, alone.
-    crop = instantiate(chain[:2])
+    # The crop first (with the padding before it, if any: every later transform sees patches), then each
+    # transform on the crops, alone. The deep copy of the cached case is what CacheDataset does for each draw.
+    n_crop = 1 + next(i for i, c in enumerate(chain) if c["_target_"].startswith("RandCropBy"))
+    crop = instantiate(chain[:n_crop])
     crops: list = []
     crop_s = _time(lambda: crops.extend(crop(copy.deepcopy(cached[len(crops) % len(cached)]))), args.repeats)
-    rows.append((f"{chain[0]['_target_']} + {chain[1]['_target_']}", "1", crop_s, crop_s))
+    rows.append((" + ".join(c["_target_"] for c in chain[:n_crop]), "1", crop_s, crop_s))
     sample = crops[0] if isinstance(crops[0], dict) else crops[0][0]
-    for comp in chain[2:]:
+    for comp in chain[n_crop:]:
         name = comp["_target_"]
         prob = comp.get("prob")
         forced = dict(comp, prob=1.0) if prob is not None else comp

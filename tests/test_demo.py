@@ -37,3 +37,28 @@ def test_demo_scores_both_families_and_writes_a_picture_per_case(tmp_path: Path,
     # `volseg infer SCAN` run from the demo's parent folder (no runs/ there) uses the demo's bundle.
     monkeypatch.chdir(tmp_path)
     assert find_latest_run().resolve() == (out / "run").resolve()
+
+
+def test_scores_give_the_per_case_mean_and_the_pooled_dice(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from volseg.demo import _score
+
+    def save(name: str, tumour: slice) -> Path:
+        arr = np.zeros((10, 10, 10), np.uint8)
+        arr[1:9, 1:9, 1:9] = 1
+        arr[tumour, 4, 4] = 2
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
+        return path
+
+    # Case a: 6 tumour voxels each side, 3 shared (Dice 0.5); case b: a 2-voxel lesion missed (Dice 0).
+    cases = [
+        ("liver", save("a_pred", slice(1, 7)), save("a_ref", slice(4, 10))),
+        ("liver", save("b_pred", slice(0, 0)), save("b_ref", slice(2, 4))),
+    ]
+    mean, pooled, lesions, rows = _score(cases, {"liver": 1, "tumour": 2}, lambda s: None)
+    assert mean["liver"]["tumour"] == 0.25
+    assert pooled["liver"]["tumour"] == round(2 * 3 / (12 + 2), 4)
+    assert rows[1]["tumour"] == 0.0 and sum(b["present"] for b in lesions.values()) == 2

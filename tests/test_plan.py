@@ -261,7 +261,7 @@ def test_time_budget_sets_the_epochs() -> None:
     none, why = P.determine_schedule(fp, budget_seconds=None, **kw)
     assert none == {"max_epochs": 1000, "iterations_per_epoch": 250, "val_interval": 10} and "nnU-Net" in why
     with pytest.raises(UserError):
-        P.determine_schedule(fp, budget_seconds=30, **kw)
+        P.determine_schedule(fp, budget_seconds=20, **kw)
 
 
 def test_cpu_budget_shrinks_a_slow_patch() -> None:

@@ -206,6 +206,11 @@ def _loss(recipe: Recipe) -> dict[str, Any]:
             "lambda_dice": lam_dice,
             "lambda_ce": lam_ce,
         }
+    # Written only when not MONAI's defaults, so that the configs of recipes without them stay as they were.
+    if loss.batch_dice:
+        base["batch"] = True
+    if not loss.dice_background:
+        base["include_background"] = False
     if NETWORKS[recipe.model.name].deep_supervision:
         ds: dict[str, Any] = {"_target_": "DeepSupervisionLoss", "loss": base, "weight_mode": "exp"}
         if loss.deep_supervision_weights:

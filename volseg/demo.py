@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -80,15 +80,21 @@ def _train(recipe: Any, data_dir: Path, run_dir: Path, device: str | None, echo:
     return float(train(recipe, data_dir, run_dir, device=device, echo=say).seconds)
 
 
+Scores = dict[str, dict[str, float]]
+
+
 def _score(
     cases: list[tuple[str, Path, Path]], labels: dict[str, int], echo: Callable[[str], None]
-) -> tuple[dict[str, dict[str, float]], dict[str, Any], list[dict[str, Any]]]:
-    """Dice per label per case (a label absent from both sides is not scored), pooled per-lesion detection."""
+) -> tuple[Scores, Scores, dict[str, Any], list[dict[str, Any]]]:
+    """Dice per label per case (a label absent from both sides is not scored) and its mean per family; the pooled
+    ("global") Dice per family, over all its cases' voxels at once (LiTS reports both); pooled per-lesion
+    detection."""
     from volseg.imageio import read_labels
     from volseg.metrics import dice_per_label, lesion_detection
 
     tumour = labels.get("tumour")
     scores: dict[str, dict[str, list[float]]] = {}
+    overlap: dict[str, dict[str, np.ndarray]] = {}  # per family and label: [2 x intersection, |pred| + |ref|]
     pooled: dict[str, dict[str, int]] = {}
     rows = []
     for family, pred_path, ref_path in cases:
@@ -97,13 +103,17 @@ def _score(
         per_label = dice_per_label(pred, ref, labels)
         row: dict[str, Any] = {"case": ref_path.name, "family": family}
         for name, value in per_label.items():
-            if (ref == labels[name]).any() or (pred == labels[name]).any():
+            p, r = pred == labels[name], ref == labels[name]
+            sums = overlap.setdefault(family, {}).setdefault(name, np.zeros(2, np.int64))
+            sums += (2 * int(np.count_nonzero(p & r)), int(np.count_nonzero(p)) + int(np.count_nonzero(r)))
+            if r.any() or p.any():
                 scores.setdefault(family, {}).setdefault(name, []).append(value)
                 row[name] = round(float(value), 4)
         if tumour is not None:
             spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
             det = lesion_detection(pred, ref, tumour, spacing, LESION_SIZES_MM)
-            for size, counts in det["by_size"].items():
+            by_size = cast(dict[str, dict[str, int]], det["by_size"])
+            for size, counts in by_size.items():
                 bin_ = pooled.setdefault(size, {"present": 0, "found": 0})
                 bin_["present"] += int(counts["present"])
                 bin_["found"] += int(counts["found"])
@@ -113,7 +123,8 @@ def _score(
         echo(f"      {family:>6} {ref_path.name}: " + "  ".join(shown) + (f"  lesions {row['lesions']}"
                                                                             if "lesions" in row else ""))  # fmt: skip
     mean = {f: {k: round(float(np.mean(v)), 4) for k, v in s.items()} for f, s in scores.items()}
-    return mean, pooled, rows
+    pooled_dice = {f: {k: round(float(c[0] / c[1]), 4) for k, c in per.items() if c[1]} for f, per in overlap.items()}
+    return mean, pooled_dice, pooled, rows
 
 
 def _qc_pictures(cases: list[tuple[str, Path, Path]], images: list[Path], colors: dict[int, Any]) -> list[Path]:
@@ -191,9 +202,10 @@ def run_demo(
     echo("[5/5] held-out Dice per label, lesions found by size, QC pictures")
     labels = {n: lab.value for n, lab in recipe.data.labels.items() if lab.value}
     cases = [(f, p, ref) for (f, _, ref), p in zip(held_out, written, strict=True)]
-    mean, lesions, rows = _score(cases, labels, echo)
+    mean, pooled_dice, lesions, rows = _score(cases, labels, echo)
     for family, m in mean.items():
         echo(f"      mean ({family}): " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        echo(f"      pooled ({family}): " + "  ".join(f"{k} {v:.3f}" for k, v in pooled_dice[family].items()))
     for size, c in lesions.items():
         echo(f"      lesions {size}: {c['found']}/{c['present']} found")
     colors = {lab.value: lab.color for lab in recipe.data.labels.values() if lab.color}
@@ -204,6 +216,7 @@ def run_demo(
         "stages": 2 if recipe.cascade is not None else 1,
         "recipe": recipe.name,
         "heldout_dice": mean,
+        "heldout_dice_pooled": pooled_dice,
         "lesions_found": lesions,
         "cases": rows,
     }

@@ -245,6 +245,14 @@ class Loss(_Strict):
     lambda_dice: Annotated[float, Field(ge=0)] = 1.0
     lambda_ce: Annotated[float, Field(ge=0)] = 1.0
     deep_supervision_weights: list[Annotated[float, Field(ge=0)]] | None = None
+    batch_dice: bool = Field(
+        default=False,
+        description="the Dice term over the whole batch as one volume (nnU-Net's batch Dice), not per patch: "
+        "patches without a small structure then do not pull its Dice term to 0 or 1",
+    )
+    dice_background: bool = Field(
+        default=True, description="the background channel in the Dice term (MONAI's default; nnU-Net leaves it out)"
+    )
     weight_map: WeightMap | None = Field(
         default=None, description="the U-Net paper's weight map on the cross-entropy term (null: off)"
     )

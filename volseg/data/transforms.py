@@ -156,7 +156,31 @@ def preprocessing(recipe: Recipe, with_label: bool, training: bool = False) -> l
         chain += _intensity(recipe) + _crop(keys, recipe)
     else:
         chain += _crop(keys, recipe) + _intensity(recipe)
+    if training and with_label and recipe.train.sampler == "class_balanced":
+        chain += _class_indices(recipe, keys)
     return chain
+
+
+#: Voxel indices kept per class for the class-balanced crop's centres (evenly thinned beyond this), so that the
+#: cache holds at most this many int64 values per class and case.
+MAX_INDICES_PER_CLASS = 1 << 20
+#: Key of the cached per-class voxel indices (``ClassesToIndicesd``'s default name for key "label").
+CLASS_INDICES_KEY = "label_cls_indices"
+
+
+def _class_indices(recipe: Recipe, keys: list[str]) -> list[Component]:
+    """The class-balanced crop's per-class voxel indices, computed once per case with the cached preprocessing
+    rather than on every draw (on a CPU that search was most of the sampling time). The indices are flat indices on
+    the grid they were computed on, so the padding to the patch size comes first, here."""
+    return [
+        {"_target_": "SpatialPadd", "keys": keys, "spatial_size": list(recipe.train.patch_size)},
+        {
+            "_target_": "ClassesToIndicesd",
+            "keys": "label",
+            "num_classes": recipe.num_classes,
+            "max_samples_per_class": MAX_INDICES_PER_CLASS,
+        },
+    ]
 
 
 def train_sampling(recipe: Recipe) -> list[Component]:
@@ -170,8 +194,9 @@ def train_sampling(recipe: Recipe) -> list[Component]:
     # second channel, so that every spatial augmentation moves both alike (nearest interpolation for both).
     crop_keys = keys + ["weight"] if weighted else keys
     patch = list(t.patch_size)
-    chain: list[Component] = [{"_target_": "SpatialPadd", "keys": crop_keys, "spatial_size": patch}]
+    chain: list[Component] = []
     if t.sampler == "pos_neg":
+        chain.append({"_target_": "SpatialPadd", "keys": crop_keys, "spatial_size": patch})
         chain.append(
             {
                 "_target_": "RandCropByPosNegLabeld",
@@ -194,6 +219,7 @@ def train_sampling(recipe: Recipe) -> list[Component]:
                 "spatial_size": patch,
                 "num_classes": recipe.num_classes,
                 "num_samples": t.samples_per_volume,
+                "indices_key": CLASS_INDICES_KEY,  # from the cached preprocessing (padded there)
             }
         )
     if weighted:
