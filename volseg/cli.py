@@ -279,8 +279,9 @@ def synth(
     task: Annotated[
         str,
         typer.Option(
-            help="liver_ct (3D CT phantoms), cells (2D fluorescence images) or torso_ct (an independent CT family "
-            "for held-out evaluation only: its cases all go to imagesTs/labelsTs)"
+            help="liver_ct (3D CT phantoms), mr (3D abdominal MR phantoms, 0.9 x 0.9 x 5 mm, arbitrary units), "
+            "cells (2D fluorescence images) or torso_ct (an independent CT family for held-out evaluation only: its "
+            "cases all go to imagesTs/labelsTs)"
         ),
     ] = "liver_ct",
     n: Annotated[int, typer.Option("-n", help="number of training cases (torso_ct: of held-out cases)")] = 10,
@@ -292,6 +293,10 @@ def synth(
         str,
         typer.Option(help="liver_ct: clinical (clinical fields of view, phases, noise, lesions) or hard (original)"),
     ] = "clinical",
+    spacing: Annotated[
+        tuple[float, float, float] | None,
+        typer.Option(help="liver_ct: the voxel size in mm of every case, e.g. --spacing 1.5 1.5 1.5 (default: drawn)"),
+    ] = None,
 ) -> None:
     """Write a synthetic data set in the Medical Segmentation Decathlon layout."""
     if task == "torso_ct":
@@ -307,7 +312,7 @@ def synth(
 
     if n < 1:
         raise UserError("-n must be at least 1", "-n")
-    path = write_dataset(out, task=task, n=n, seed=seed, size=size, n_test=n_test, variety=variety)
+    path = write_dataset(out, task=task, n=n, seed=seed, size=size, n_test=n_test, variety=variety, spacing=spacing)
     _echo(f"wrote {n} training and {n_test} test case(s): {path}")
 
 

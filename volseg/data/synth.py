@@ -4,6 +4,8 @@
   labels, ``variety="clinical"`` (clinical fields of view, phases, lesions) or ``"hard"`` (the original phantoms);
   the patient is drawn in :mod:`volseg.data.synth_liver_anatomy` from the shapes of :mod:`volseg.data.synth_shapes`.
 * ``cells`` (:mod:`volseg.data.synth_cells`): 2D fluorescence images of touching nuclei.
+* ``mr`` (:mod:`volseg.data.synth_mr`): abdominal MR phantoms (arbitrary units, coil bias field, Rician noise,
+  0.9 x 0.9 x 5 mm voxels) with liver and kidney labels.
 
 What the tasks share (the :class:`Phantom` record, label names, case seeds, NIfTI writing) is in
 :mod:`volseg.data.synth_base`. ``volseg.data.synth_torso`` is a second, independently built CT family for
@@ -27,11 +29,13 @@ from volseg.data.synth_liver import (
     liver_ct_phantom,
     write_liver_dataset,
 )
+from volseg.data.synth_mr import MR_LABELS, MR_PREFIX, mr_phantom, write_mr_dataset
 from volseg.errors import UserError
 
 __all__ = [
     "CELL_LABELS",
     "LABELS",
+    "MR_LABELS",
     "TASKS",
     "CellImage",
     "Phantom",
@@ -42,10 +46,11 @@ __all__ = [
     "PhantomGeometry",
     "liver_ct_geometry",
     "liver_ct_phantom",
+    "mr_phantom",
     "write_dataset",
 ]
 
-TASKS: dict[str, str] = {"liver_ct": LIVER_PREFIX, "cells": CELL_PREFIX}
+TASKS: dict[str, str] = {"liver_ct": LIVER_PREFIX, "cells": CELL_PREFIX, "mr": MR_PREFIX}
 """Known synthetic tasks: task name -> file prefix of its cases."""
 
 
@@ -57,6 +62,7 @@ def write_dataset(
     size: str = "demo",
     n_test: int = 0,
     variety: str = "clinical",
+    spacing: tuple[float, float, float] | None = None,
 ) -> Path:
     """Write synthetic cases in the Medical Segmentation Decathlon layout.
 
@@ -71,6 +77,9 @@ def write_dataset(
     the held-out cases; case ``i`` is ``cells_image(case_seed(seed, i))`` and ``size`` is ignored. The
     ``training`` entries of dataset.json carry ``image``, ``label`` and ``instance``.
 
+    The ``mr`` task writes ``mr_XXX.nii.gz``, case ``i`` being ``mr_phantom(case_seed(seed, i))``, with
+    modality MR in dataset.json; ``size`` and ``variety`` are ignored.
+
     Args:
         out_dir: Folder to write (created if missing).
         task: Synthetic task name; see :data:`TASKS`.
@@ -79,12 +88,15 @@ def write_dataset(
         size: ``"demo"`` or ``"full"``, see :func:`liver_ct_phantom`.
         n_test: Number of held-out cases.
         variety: ``"clinical"`` (default) or ``"hard"``, see :func:`liver_ct_phantom` (liver_ct only).
+        spacing: Voxel size in mm along each array axis for every case, e.g. ``(1.5, 1.5, 1.5)`` for isotropic
+            phantoms (liver_ct only; default: drawn per case). The field of view stays the drawn one, so fine
+            spacings make large arrays (the clinical variety's long fields of view especially).
 
     Returns:
         Path of the written ``dataset.json``.
 
     Raises:
-        UserError: Unknown task, size or variety, or negative counts.
+        UserError: Unknown task, size or variety, negative counts, or a spacing for another task than liver_ct.
     """
     if task not in TASKS:
         raise UserError(f"unknown synthetic task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
@@ -96,6 +108,10 @@ def write_dataset(
         raise UserError(f"need n >= 0 and n_test >= 0 with at least one case, got n={n}, n_test={n_test}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if spacing is not None and task != "liver_ct":
+        raise UserError(f"a spacing can be given for the liver_ct task only, not {task!r}")
     if task == "cells":
         return write_cells_dataset(Path(out_dir), n, seed, n_test)
-    return write_liver_dataset(Path(out_dir), task, n, seed, size, n_test, variety)
+    if task == "mr":
+        return write_mr_dataset(Path(out_dir), n, seed, n_test)
+    return write_liver_dataset(Path(out_dir), task, n, seed, size, n_test, variety, spacing)

@@ -539,12 +539,22 @@ LIVER_PREFIX = "liver"
 """File prefix of the liver CT cases."""
 
 
-def write_liver_dataset(root: Path, task: str, n: int, seed: int, size: str, n_test: int, variety: str) -> Path:
+def write_liver_dataset(
+    root: Path,
+    task: str,
+    n: int,
+    seed: int,
+    size: str,
+    n_test: int,
+    variety: str,
+    spacing: tuple[float, float, float] | None = None,
+) -> Path:
     """The ``liver_ct`` task of :func:`volseg.data.synth.write_dataset` (NIfTI files; arguments checked there).
 
     Cases ``0 .. n-1`` go to ``imagesTr``/``labelsTr`` and cases ``n .. n+n_test-1`` to ``imagesTs`` with their
     labels in ``labelsTs``, named ``liver_XXX.nii.gz``; case ``i`` is
-    ``liver_ct_phantom(case_seed(seed, i), size=size, variety=variety)``. ``dataset.json`` is written last.
+    ``liver_ct_phantom(case_seed(seed, i), size=size, variety=variety, spacing=spacing)`` (``spacing``: the same
+    voxel size for every case, None to draw it). ``dataset.json`` is written last.
     """
     prefix = LIVER_PREFIX
     folders = {k: root / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
@@ -553,7 +563,7 @@ def write_liver_dataset(root: Path, task: str, n: int, seed: int, size: str, n_t
 
     training, test = [], []
     for index in range(n + n_test):
-        phantom = liver_ct_phantom(case_seed(seed, index), size=size, variety=variety)
+        phantom = liver_ct_phantom(case_seed(seed, index), size=size, variety=variety, spacing=spacing)
         name = f"{prefix}_{index:03d}.nii.gz"
         split = "Tr" if index < n else "Ts"
         _atomic_save(_nifti(phantom.image, phantom.affine), folders[f"images{split}"] / name)
@@ -581,6 +591,7 @@ def write_liver_dataset(root: Path, task: str, n: int, seed: int, size: str, n_t
             "seed": int(seed),
             "size": size,
             "variety": variety,
+            **({"spacing": [float(v) for v in spacing]} if spacing is not None else {}),
         },
     }
     return write_text_atomic(root / "dataset.json", json.dumps(dataset, indent=2) + "\n")
