@@ -29,6 +29,7 @@ class WeightedDiceCELoss(torch.nn.Module):
         smooth_nr: Dice numerator smoothing.
         smooth_dr: Dice denominator smoothing.
         squared_pred: squared terms in the Dice denominator.
+        batch: the Dice term over the whole batch as one volume (nnU-Net's batch Dice), not per sample.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class WeightedDiceCELoss(torch.nn.Module):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         squared_pred: bool = False,
+        batch: bool = False,
     ) -> None:
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0:
@@ -51,6 +53,7 @@ class WeightedDiceCELoss(torch.nn.Module):
             squared_pred=squared_pred,
             smooth_nr=smooth_nr,
             smooth_dr=smooth_dr,
+            batch=batch,
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
