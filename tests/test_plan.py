@@ -285,6 +285,20 @@ def test_cpu_budget_shrinks_a_slow_patch() -> None:
     assert roomy.recipe["train"]["patch_size"] == unlimited.recipe["train"]["patch_size"]
 
 
+def test_a_slow_cpu_gets_fewer_iterations_not_a_tiny_patch() -> None:
+    def slow(model: dict[str, Any], patch: tuple[int, ...], batch: int) -> float:
+        return float(np.prod(patch)) / 2e3  # a busy machine: 64^2 pixels take 2 s
+
+    flat = plan(make_fp([(1.0, 1.0)] * 6, [(512, 512)] * 6), device="cpu", time_budget_s=240, step_timer=slow)
+    assert min(flat.recipe["train"]["patch_size"]) >= P.MIN_CPU_PATCH[2]
+    cube = plan(make_fp([(1.0, 1.0, 1.0)] * 6, [(160, 160, 160)] * 6), device="cpu", time_budget_s=240,
+                step_timer=lambda m, p, b: float(np.prod(p)) / 2e3)  # fmt: skip
+    assert min(cube.recipe["train"]["patch_size"]) >= P.MIN_CPU_PATCH[3]
+    # The schedule follows the slow step: far fewer than the 500 iterations a fast machine would get.
+    sched = cube.recipe["train"]
+    assert sched["max_epochs"] * sched["iterations_per_epoch"] < P.MIN_ITERATIONS
+
+
 def test_parse_duration() -> None:
     assert P.parse_duration("20m") == 1200 and P.parse_duration("1h30m") == 5400
     assert P.parse_duration("90") == 90 and P.parse_duration("1.5h") == 5400

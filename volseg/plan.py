@@ -102,9 +102,12 @@ LOADING_OVERHEAD = 1.1
 #: On a CPU with a time budget the patch shrinks (re-measured) until the budget gives this many iterations.
 MIN_ITERATIONS = 500
 #: A cascade's fine stage with small objects: its patch is fitted to leave this many iterations in its budget.
-FINE_MIN_ITERATIONS = 1200
+FINE_MIN_ITERATIONS = 1500
 #: A cascade's coarse stage: its patch is fitted to leave this many iterations in its share of the budget.
 COARSE_MIN_ITERATIONS = 1000
+#: The CPU budget fit shrinks no patch axis below this (by dimension): a slow or busy machine then gets fewer
+#: iterations rather than a patch too small to hold any context.
+MIN_CPU_PATCH = {2: 64, 3: 32}
 #: A cascade's coarse stage multiplies the finest target spacing by at least this much.
 COARSE_FACTOR = 3.0
 
@@ -1019,11 +1022,13 @@ def _budget_step(budget_s: float, iterations: int = MIN_ITERATIONS) -> float:
     return max(1e-3, (budget_s * (1 - VALIDATION_SHARE) - FIXED_SECONDS) / (iterations * LOADING_OVERHEAD))
 
 
-def _shrink_to(patch: list[int], spacing: Floats, volume: float, div: int) -> list[int]:
-    """The patch made smaller, largest axis in mm first, until its volume is at most ``volume``."""
+def _shrink_to(patch: list[int], spacing: Floats, volume: float, div: int, floor: int = 0) -> list[int]:
+    """The patch made smaller, largest axis in mm first, until its volume is at most ``volume``; no axis goes
+    below ``div`` or (when it starts above) ``floor`` voxels."""
     patch = list(patch)
-    while np.prod(patch) > volume and max(patch) > div:
-        axis = int(np.argmax([p * s if p > div else 0 for p, s in zip(patch, spacing, strict=True)]))
+    low = max(div, floor)
+    while np.prod(patch) > volume and max(patch) > low:
+        axis = int(np.argmax([p * s if p > low else 0 for p, s in zip(patch, spacing, strict=True)]))
         patch[axis] -= div
     return patch
 
@@ -1048,11 +1053,12 @@ def _fit_cpu_budget(
     ref_step = measure(ref, ref_strides, ref_kernels)
     why = f"; on this CPU a step of patch {_fmt(ref)} took {ref_step:.3g} s"
     target = float(np.prod(ref)) * allowed / max(ref_step, 1e-6)
-    patch, strides, kernels = _fit_depth(_shrink_to(start, sp, target, 2 ** len(strides)), sp)
+    floor = MIN_CPU_PATCH[nd]
+    patch, strides, kernels = _fit_depth(_shrink_to(start, sp, target, 2 ** len(strides), floor), sp)
     step = ref_step if patch == ref else measure(patch, strides, kernels)
     if step > 1.5 * allowed and max(patch) > 2 ** len(strides):
         again, a_strides, a_kernels = _fit_depth(
-            _shrink_to(patch, sp, float(np.prod(patch)) * allowed / step, 2 ** len(strides)), sp
+            _shrink_to(patch, sp, float(np.prod(patch)) * allowed / step, 2 ** len(strides), floor), sp
         )
         if again != patch:
             patch, strides, kernels = again, a_strides, a_kernels
