@@ -969,6 +969,59 @@ def determine_cascade(
     return decision, "; ".join(parts)
 
 
+def _cascade_stages(
+    fp: Fingerprint,
+    spacing: list[float] | None,
+    cascade: dict[str, Any],
+    plan_stage: Callable[..., _Stage],
+    crop: bool,
+    time_budget_s: float | None,
+) -> tuple[_Stage, _Stage]:
+    """A cascade's coarse stage (its share of the budget, crops 2/3 on foreground) and fine stage (the target
+    spacing on the crops around the labelled region)."""
+    share = None if time_budget_s is None else time_budget_s * CASCADE_COARSE_SHARE
+    stage = plan_stage(fp, cascade["coarse_spacing"], crop=crop, time_budget_s=share, iterations=COARSE_MIN_ITERATIONS)
+    stage.sampling = {"sampler": "pos_neg", "pos_fraction": 0.67}
+    stage.why["sampling"] = "the coarse stage finds the region: 2/3 of the crops centred on foreground"
+    fine_budget = None if time_budget_s is None or share is None else time_budget_s - share
+    # Small objects learn from many class-balanced crops; the crop around the region bounds the context.
+    its = FINE_MIN_ITERATIONS if cascade["small_labels"] else MIN_ITERATIONS
+    roi_fp = _roi_fingerprint(fp, CASCADE_MARGIN_MM)
+    return stage, plan_stage(roi_fp, spacing, crop=False, time_budget_s=fine_budget, iterations=its)
+
+
+def _coarser_for_cpu(
+    fp: Fingerprint,
+    spacing: Sequence[float] | None,
+    stage: _Stage,
+    cascade: dict[str, Any],
+    replan: Callable[[list[float]], _Stage],
+    cropped: bool,
+) -> tuple[_Stage, Reason]:
+    """One stage on a CPU with a time budget whose patch covers less than :data:`CASCADE_COVERAGE` of the median
+    image (and no small objects to lose): the finer axes are coarsened (as nnU-Net's low-resolution stage, without
+    the cascade that would not pay here), so that the patch the budget allows sees more of the anatomy. Up to three
+    re-plans, each factor from the coverage reached, at most :data:`COARSE_FACTOR` in all."""
+    if spacing is None or cascade["small_labels"] or cascade["coverage"] >= CASCADE_COVERAGE:
+        return stage, ""
+    coverage, finest = float(cascade["coverage"]), float(min(spacing))
+    current, factor = stage, 1.0
+    for _ in range(3):
+        k = sum(1 for sp in spacing if sp < finest * factor * 1.5) or 1  # the axes a larger factor coarsens
+        factor = min(COARSE_FACTOR, factor * (CASCADE_COVERAGE / max(coverage, 1e-6)) ** (1.0 / k))
+        coarse = [round(max(float(sp), finest * factor), 4) for sp in spacing]
+        current = replan(coarse)
+        median = _median_shape_at(fp, coarse, cropped)
+        coverage = float(np.prod(np.minimum(np.asarray(current.patch, float), median)) / np.prod(median))
+        if coverage >= CASCADE_COVERAGE or factor >= COARSE_FACTOR:
+            break
+    return current, (
+        f"; on this CPU the patch the time budget allows covered {cascade['coverage']:.0%} of the median image at that "
+        f"spacing, so the finer axes were coarsened to {_fmt(current.spacing or [])} mm (the patch then covers "
+        f"{coverage:.0%})"
+    )
+
+
 def measure_step_seconds(
     model: dict[str, Any], patch: Sequence[int], batch: int, *, n_classes: int, device: str = "cpu", steps: int = 3
 ) -> float:
@@ -1369,19 +1422,13 @@ def plan_recipe(
     plan_stage = functools.partial(_plan_stage, device=device, budget=budget, n_classes=n_classes, timer=timer)
     stage = plan_stage(fp, spacing, crop=crop, time_budget_s=time_budget_s)
     cascade, why_casc = determine_cascade(fp, spacing, stage.patch, crop)
+    if not cascade["applied"] and device == "cpu" and time_budget_s is not None:
+        replan = functools.partial(plan_stage, fp, crop=crop, time_budget_s=time_budget_s)
+        stage, why_low = _coarser_for_cpu(fp, spacing, stage, cascade, replan, crop)
+        why_sp += why_low
     fine = None
     if cascade["applied"]:
-        share = None if time_budget_s is None else time_budget_s * CASCADE_COARSE_SHARE
-        stage = plan_stage(
-            fp, cascade["coarse_spacing"], crop=crop, time_budget_s=share, iterations=COARSE_MIN_ITERATIONS
-        )
-        stage.sampling = {"sampler": "pos_neg", "pos_fraction": 0.67}
-        stage.why["sampling"] = "the coarse stage finds the region: 2/3 of the crops centred on foreground"
-        fine_budget = None if time_budget_s is None else time_budget_s - share  # type: ignore[operator]
-        # Small objects learn from many class-balanced crops; the crop around the region bounds the context.
-        its = FINE_MIN_ITERATIONS if cascade["small_labels"] else MIN_ITERATIONS
-        roi_fp = _roi_fingerprint(fp, CASCADE_MARGIN_MM)
-        fine = plan_stage(roi_fp, spacing, crop=False, time_budget_s=fine_budget, iterations=its)
+        stage, fine = _cascade_stages(fp, spacing, cascade, plan_stage, crop, time_budget_s)
     largest, why_post = determine_postprocess(fp)
     picks = {
         "modality": modality,
