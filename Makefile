@@ -12,7 +12,7 @@ demo: setup
 
 # pytest's exit status 5 (no tests collected) is a failure here, not a pass.
 test: setup
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup

@@ -412,11 +412,13 @@ def test_train_plans_when_no_recipe_is_given(tmp_path: Path, capsys: pytest.Capt
     run = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--device", "cpu", "--time-budget", "5m"]
     args += ["--set", "train.max_epochs=1", "--set", "train.iterations_per_epoch=2", "--set", "train.num_workers=0"]
+    # The phantoms' tumours are small objects: the plan has two stages, and the fine one has its own schedule.
+    args += ["--set", "cascade.max_epochs=1", "--set", "cascade.iterations_per_epoch=2"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"recipe: {run / P.PLAN_FILE}" in printed
     assert (run / P.PLAN_FILE).is_file() and (run / "volseg_plan.fingerprint.json").is_file()
-    assert (run / "models" / "model.pt").is_file()
+    assert (run / "models" / "model.pt").is_file() and (run / "stages" / "fine" / "models" / "model.pt").is_file()
 
 
 def test_whole_image_z_score_is_not_cropped() -> None:
