@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,3 +59,27 @@ def _nifti(data: np.ndarray, affine: np.ndarray):
 def case_seed(seed: int, index: int) -> int:
     """Seed of case ``index`` in a dataset written with ``seed`` (stable, independent of ``n``)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def write_msd_cases(
+    root: Path, prefix: str, n: int, n_test: int, make: Callable[[int], Phantom]
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Cases ``0 .. n-1`` of ``make(index)`` into ``imagesTr``/``labelsTr`` and ``n .. n+n_test-1`` into
+    ``imagesTs``/``labelsTs`` of an MSD folder, named ``PREFIX_XXX.nii.gz``; returns dataset.json's ``training``
+    entries and ``test`` list."""
+    folders = {k: root / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+    for key in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if n_test else ()):
+        folders[key].mkdir(parents=True, exist_ok=True)
+    training: list[dict[str, str]] = []
+    test: list[str] = []
+    for index in range(n + n_test):
+        phantom = make(index)
+        name = f"{prefix}_{index:03d}.nii.gz"
+        split = "Tr" if index < n else "Ts"
+        _atomic_save(_nifti(phantom.image, phantom.affine), folders[f"images{split}"] / name)
+        _atomic_save(_nifti(phantom.label, phantom.affine), folders[f"labels{split}"] / name)
+        if split == "Tr":
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            test.append(f"./imagesTs/{name}")
+    return training, test

@@ -85,7 +85,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from volseg.data.synth_base import LABELS, Phantom, _atomic_save, _nifti, case_seed
+from volseg.data.synth_base import LABELS, Phantom, case_seed, write_msd_cases
 from volseg.data.synth_liver_anatomy import (
     _CLINICAL_DEMO_MATRIX,
     _CLINICAL_DEMO_SLICES,
@@ -557,21 +557,11 @@ def write_liver_dataset(
     voxel size for every case, None to draw it). ``dataset.json`` is written last.
     """
     prefix = LIVER_PREFIX
-    folders = {k: root / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
-    for key in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if n_test else ()):
-        folders[key].mkdir(parents=True, exist_ok=True)
 
-    training, test = [], []
-    for index in range(n + n_test):
-        phantom = liver_ct_phantom(case_seed(seed, index), size=size, variety=variety, spacing=spacing)
-        name = f"{prefix}_{index:03d}.nii.gz"
-        split = "Tr" if index < n else "Ts"
-        _atomic_save(_nifti(phantom.image, phantom.affine), folders[f"images{split}"] / name)
-        _atomic_save(_nifti(phantom.label, phantom.affine), folders[f"labels{split}"] / name)
-        if split == "Tr":
-            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        else:
-            test.append(f"./imagesTs/{name}")
+    def make(index: int) -> Phantom:
+        return liver_ct_phantom(case_seed(seed, index), size=size, variety=variety, spacing=spacing)
+
+    training, test = write_msd_cases(root, prefix, n, n_test, make)
 
     dataset = {
         "name": f"Synthetic{task.title().replace('_', '')}",

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from volseg.data.synth_base import Phantom, _atomic_save, _nifti, case_seed
+from volseg.data.synth_base import Phantom, case_seed, write_msd_cases
 from volseg.fileio import write_text_atomic
 
 MR_PREFIX = "mr"
@@ -233,20 +233,7 @@ def write_mr_dataset(root: Path, n: int, seed: int, n_test: int) -> Path:
     labels in ``labelsTs``, named ``mr_XXX.nii.gz``; case ``i`` is ``mr_phantom(case_seed(seed, i))``.
     ``dataset.json`` (modality MR) is written last.
     """
-    folders = {k: root / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
-    for key in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if n_test else ()):
-        folders[key].mkdir(parents=True, exist_ok=True)
-    training, test = [], []
-    for index in range(n + n_test):
-        phantom = mr_phantom(case_seed(seed, index))
-        name = f"{MR_PREFIX}_{index:03d}.nii.gz"
-        split = "Tr" if index < n else "Ts"
-        _atomic_save(_nifti(phantom.image, phantom.affine), folders[f"images{split}"] / name)
-        _atomic_save(_nifti(phantom.label, phantom.affine), folders[f"labels{split}"] / name)
-        if split == "Tr":
-            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        else:
-            test.append(f"./imagesTs/{name}")
+    training, test = write_msd_cases(root, MR_PREFIX, n, n_test, lambda i: mr_phantom(case_seed(seed, i)))
     dataset = {
         "name": "SyntheticMr",
         "description": "Synthetic T1-weighted-like abdominal MR phantoms (liver, kidneys) with thick slices, a "
