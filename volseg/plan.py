@@ -809,8 +809,9 @@ def determine_schedule(
     """Epochs, iterations per epoch and validation interval from the time budget and the measured step.
 
     Without a budget: nnU-Net's 1000 epochs of 250 iterations. With one: the budget less a fixed start-up cost and
-    validation (at most 10% of it) buys ``budget / step`` iterations (the step measured, plus 25% for loading and
-    augmentation), cut into epochs of up to 250 iterations and at least 20 epochs where possible.
+    validation (at most 10% of it) buys ``budget / step`` iterations (the step measured, times
+    :data:`LOADING_OVERHEAD` for loading and augmentation), cut into epochs of up to 250 iterations and at least
+    20 epochs where possible.
     """
     step = step_seconds * LOADING_OVERHEAD
     n_val = max(1, round(fp["n_cases"] * val_fraction))
@@ -926,6 +927,12 @@ def _roi_fingerprint(fp: Fingerprint, margin_mm: float) -> Fingerprint:
     return {**fp, "cases": cases}
 
 
+def _coverage(fp: Fingerprint, spacing: Sequence[float] | None, patch: Sequence[int], cropped: bool) -> float:
+    """The fraction of the median image (at ``spacing``) that one patch covers."""
+    median = _median_shape_at(fp, spacing, cropped)
+    return float(np.prod(np.minimum(np.asarray(patch, dtype=np.float64), median)) / np.prod(median))
+
+
 def determine_cascade(
     fp: Fingerprint, spacing: Sequence[float] | None, patch: Sequence[int], cropped: bool
 ) -> tuple[dict[str, Any], Reason]:
@@ -935,8 +942,7 @@ def determine_cascade(
     target spacing segments the crop around it (:mod:`volseg.cascade`). The coarse spacing is the finest axis times
     :data:`COARSE_FACTOR` (or more, until the patch covers a quarter of the image); axes already coarser keep
     theirs."""
-    median = _median_shape_at(fp, spacing, cropped)
-    coverage = float(np.prod(np.minimum(np.asarray(patch, dtype=np.float64), median)) / np.prod(median))
+    coverage = _coverage(fp, spacing, patch, cropped)
     small = _small_labels(fp, spacing)
     decision: dict[str, Any] = {"stages": 1, "coverage": round(coverage, 4), "small_labels": small, "applied": False}
     parts = [f"the patch covers {coverage:.0%} of the median image"]
@@ -1011,8 +1017,7 @@ def _coarser_for_cpu(
         factor = min(COARSE_FACTOR, factor * (CASCADE_COVERAGE / max(coverage, 1e-6)) ** (1.0 / k))
         coarse = [round(max(float(sp), finest * factor), 4) for sp in spacing]
         current = replan(coarse)
-        median = _median_shape_at(fp, coarse, cropped)
-        coverage = float(np.prod(np.minimum(np.asarray(current.patch, float), median)) / np.prod(median))
+        coverage = _coverage(fp, coarse, current.patch, cropped)
         if coverage >= CASCADE_COVERAGE or factor >= COARSE_FACTOR:
             break
     return current, (
