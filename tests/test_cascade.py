@@ -280,3 +280,22 @@ def test_a_cascade_bundle_whose_fine_stage_is_not_its_own_is_refused(cascade_run
     shutil.copytree(cascade_run / FINE_DIR, run / FINE_DIR)
     (run / FINE_DIR / "extra.py").write_text("import os\n")
     assert "Python code outside scripts/" in (bundle_problem(run) or "")
+
+
+@pytest.mark.slow
+def test_infer_overrides_reach_both_stages_of_a_cascade(cascade_run, tmp_path):
+    from helpers import save_nifti
+
+    from volseg.cli import main
+    from volseg.data.synth import liver_ct_phantom
+    from volseg.infer import Predictor
+
+    # --set changes what inference does, not which fine stage belongs to the bundle: both stages get it.
+    predictor = Predictor.from_bundle(cascade_run, "cpu", overrides=["infer.tta_flips=[0,1]", "infer.overlap=0.5"])
+    for stage in (predictor.engine.coarse, predictor.engine.fine):
+        assert stage.recipe.infer.tta_flips == (0, 1) and stage.recipe.infer.overlap == 0.5
+    ph = liver_ct_phantom(22, shape=(48, 40, 24))
+    src = save_nifti(tmp_path / "ct.nii.gz", ph.image, ph.affine)
+    rc = main(["infer", str(src), "--bundle", str(cascade_run), "--output", str(tmp_path / "out"), "--device", "cpu",
+               "--set", "infer.tta_flips=[0]"])  # fmt: skip
+    assert rc in (0, None) and list((tmp_path / "out").glob("ct*.nii.gz"))

@@ -186,7 +186,12 @@ class Predictor:
             # A cascade (volseg.cascade): the bundle is the coarse stage, stages/fine/ the fine one, vetted alike.
             from volseg.cascade import CascadeEngine, check_fine_stage
 
-            fine = cls.from_bundle(check_fine_stage(recipe, bundle), device, engine, trust, precision, overrides)
+            from volseg.bundle import read_bundle_recipe
+
+            # The stage check compares the recipes as trained; --set overrides then apply to both stages.
+            as_trained = read_bundle_recipe(bundle) if overrides else recipe
+            fine_dir = check_fine_stage(as_trained, bundle)
+            fine = cls.from_bundle(fine_dir, device, engine, trust, precision, overrides)
             notes += [n for n in fine.notes if n not in notes]
             chosen = CascadeEngine(recipe, chosen, fine.engine)
         return cls(
