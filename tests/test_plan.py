@@ -544,3 +544,37 @@ def test_planned_anisotropic_network_runs() -> None:
     with torch.no_grad():
         out = net(torch.zeros(1, 1, *patch))
     assert tuple(out.shape) == (1, 2, *patch)
+
+
+def test_largest_component_filtering_ignores_specks_but_not_second_organs() -> None:
+    # The liver's largest object holds 99% of it in every case (specks at its edge): still one object. The
+    # kidneys are two objects of similar size: never filtered.
+    liver = {**_label("liver", 0.05, 120.0, 6, objects=3), "largest_object_share_min": 0.99}
+    kidney = {**_label("kidney", 0.01, 45.0, 6, objects=2), "largest_object_share_min": 0.52}
+    vessel = {**_label("vessel", 0.01, 20.0, 6, objects=4), "largest_object_share_min": P.SINGLE_OBJECT_SHARE - 0.01}
+    fp_labels = {"0": {"name": "background", "voxel_fraction": 0.93}, "1": liver, "2": kidney, "3": vessel}
+    keep, why = P.determine_postprocess({"labels": fp_labels})
+    assert keep == ["liver"] and "specks" in why
+    # A fingerprint without the share (written by an older volseg) counts objects only.
+    old = {"0": fp_labels["0"], "1": _label("liver", 0.05, 120.0, 6, objects=3)}
+    assert P.determine_postprocess({"labels": old})[0] == []
+
+
+def test_fingerprint_records_the_largest_objects_share(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(2):
+        label = np.zeros((40, 40, 20), np.uint8)
+        label[5:25, 5:25, 5:15] = 1  # 4000 voxels
+        label[30:32, 30:32, 2:3] = 1  # a 4-voxel speck apart from it
+        image = np.where(label > 0, 100.0, 0.0).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "images" / f"case{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labels" / f"case{i}.nii.gz")
+    fp = P.fingerprint_dataset(root)
+    lab = fp["labels"]["1"]
+    assert lab["objects_per_case_max"] == 2
+    assert lab["largest_object_share_min"] == pytest.approx(4000 / 4004, rel=1e-6)
+    assert P.determine_postprocess(fp)[0] == [lab["name"]]

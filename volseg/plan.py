@@ -80,6 +80,9 @@ CASCADE_MAX_ROI_FRACTION = 0.5
 CASCADE_COARSE_SHARE = 0.25
 #: An object narrower than this many voxels at the target spacing counts as small.
 SMALL_OBJECT_VOXELS = 6.0
+#: A label whose largest object holds at least this share of it in every case counts as one object (the rest are
+#: specks) for largest-component filtering.
+SINGLE_OBJECT_SHARE = 0.95
 #: Bytes kept for the backward pass per feature-map element (float32, about 12 tensors per element for MONAI's
 #: residual U-Net: convolution, normalisation and activation outputs of two sub-units, the concatenation,
 #: the up-convolution); AMP keeps about 60% of that.
@@ -292,6 +295,8 @@ def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[s
         s["cases"] += 1
         s["objects"].extend(diam)
         s["per_case"].append(len(diam))
+        sizes = np.asarray(diam, dtype=np.float64) ** nd  # proportional to each object's volume (area in 2D)
+        s.setdefault("largest_share", []).append(float(sizes.max() / sizes.sum()))
 
 
 def _channel_summary(fg: list[np.ndarray], everything: list[np.ndarray], name: str) -> dict[str, Any]:
@@ -318,6 +323,8 @@ def _label_summary(value: int, s: dict[str, Any], name: str, total_voxels: int) 
                 "cases_present": s["cases"],
                 "objects_per_case_max": int(max(s["per_case"])),
                 "objects_per_case_median": float(np.median(s["per_case"])),
+                # The smallest share of a case's label that its largest object holds (1: one object everywhere).
+                "largest_object_share_min": float(min(s.get("largest_share") or [1.0])),
                 "object_diameter_mm": {
                     "median": float(np.median(obj)),
                     "p10": float(np.percentile(obj, 10)),
@@ -903,15 +910,27 @@ def determine_augmentation(
     return aug, why
 
 
+def _one_object(lab: dict[str, Any]) -> bool:
+    """One connected object in every case, up to specks: the largest object holds at least
+    :data:`SINGLE_OBJECT_SHARE` of the label in each case (a label's edge on thick slices leaves a few voxels
+    apart). Fingerprints written before the share was recorded count objects only."""
+    if lab.get("objects_per_case_max") == 1:
+        return True
+    share = lab.get("largest_object_share_min")
+    return share is not None and float(share) >= SINGLE_OBJECT_SHARE
+
+
 def determine_postprocess(fp: Fingerprint) -> tuple[list[str], Reason]:
-    """Keep only the largest component of a label that is one object in every case that has it."""
-    single = [
-        lab["name"]
-        for v, lab in fp["labels"].items()
-        if v != "0" and lab.get("objects_per_case_max") == 1 and lab.get("cases_present", 0) >= 2
-    ]
+    """Keep only the largest component of a label that is one object in every case that has it (specks aside)."""
+    labels = [lab for v, lab in fp["labels"].items() if v != "0" and lab.get("cases_present", 0) >= 2]
+    single = [lab["name"] for lab in labels if _one_object(lab)]
     if single:
-        return single, f"{', '.join(single)}: one connected object in every case, so stray islands are errors"
+        specks = [lab["name"] for lab in labels if lab["name"] in single and lab.get("objects_per_case_max") != 1]
+        why = f"{', '.join(single)}: one connected object in every case"
+        if specks:
+            why += (f" ({', '.join(specks)}: its largest object holds >= {SINGLE_OBJECT_SHARE:.0%} of it in each case; "
+                    "the rest are specks)")  # fmt: skip
+        return single, why + ", so stray islands are errors"
     return [], "no label is a single object in every case: no component filtering"
 
 
