@@ -327,11 +327,13 @@ def run_dataset(a: argparse.Namespace, name: str) -> dict[str, Any]:
     hand = hand_recipe(name, root, work)
     if entry["plan"]["rc"] == 0 and planned.is_file():
         entry["choices"] = plan_choices(planned)
-        entry["planned"] = train_and_score(a, "planned", planned, root, work)
+        if "planned" in a.sides:
+            entry["planned"] = train_and_score(a, "planned", planned, root, work)
     else:
         entry["error"] = "volseg plan failed: " + log_tail(Path(entry["plan"]["log"]), 2)
         print(f"  {entry['error']}", flush=True)
-    entry["hand"] = train_and_score(a, "hand", hand, root, work)
+    if "hand" in a.sides:
+        entry["hand"] = train_and_score(a, "hand", hand, root, work)
     p, h = (entry.get(k, {}).get("score") for k in ("planned", "hand"))
     if p and h:
         entry["difference"] = {k: round(p["dice"][k] - h["dice"][k], 4) for k in h["dice"] if k in p["dice"]}
@@ -398,6 +400,8 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=list(DATASETS))
     ap.add_argument("--budget", default="4m", help="training time of each recipe, e.g. 4m, 240s (default 4m)")
     ap.add_argument("--plan-budget", help="the budget volseg plan plans for (default: --budget)")
+    ap.add_argument("--sides", nargs="+", choices=["planned", "hand"], default=["planned", "hand"],
+                    help="which recipes to train (default both; one alone reports no difference)")
     ap.add_argument("--n-train", type=int, default=10, help="training cases per data set (default 10)")
     ap.add_argument("--n-test", type=int, default=4, help="held-out cases per data set (default 4)")
     ap.add_argument("--ct-spacing", type=float, default=1.5, help="isotropic CT voxel size in mm (default 1.5)")

@@ -224,6 +224,11 @@ def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
 
     fine = fine_recipe(recipe_from_dict(r))
     assert list(fine.data.spacing) == target and fine.train.sampler == "class_balanced"
+    # The small lesions get more of the fine stage's crops and more weight in its loss; the coarse stage neither.
+    assert fine.train.class_ratios == {"lesion": P.SMALL_LABEL_CROP_WEIGHT}
+    assert fine.train.loss.class_weights == {"lesion": P.SMALL_LABEL_LOSS_WEIGHT}
+    assert "class_ratios" not in r["train"] and "class_weights" not in r["train"]["loss"]
+    assert "lesion" in result.reasons["cascade.class_weights"]
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
 
 
@@ -236,6 +241,8 @@ def test_small_objects_filling_the_image_keep_one_stage() -> None:
     assert "cascade" not in result.recipe
     assert "would not save" in cascade["reason"]
     assert result.recipe["train"]["sampler"] == "class_balanced"
+    assert result.recipe["train"]["class_ratios"] == {"lesion": P.SMALL_LABEL_CROP_WEIGHT}
+    assert result.recipe["train"]["loss"]["class_weights"] == {"lesion": P.SMALL_LABEL_LOSS_WEIGHT}
     # A single object per case gets largest-component filtering; a label with several objects does not.
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
 

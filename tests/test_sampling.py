@@ -94,3 +94,62 @@ def test_the_weighted_loss_takes_batch_dice_too():
 
     assert WeightedDiceCELoss(batch=True).dice.batch
     assert not WeightedDiceCELoss().dice.batch
+
+
+def _crop_centres_on(recipe, cached, value, draws=10):
+    """How many of ``draws`` x 12 crops have label ``value`` at their centre voxel."""
+    sampling = T.instantiate(T.train_sampling(recipe))
+    centre = tuple(p // 2 for p in PATCH)
+    torch.manual_seed(1)
+    return sum(int(c["label"][(0, *centre)] == value) for _ in range(draws) for c in sampling(dict(cached)))
+
+
+def test_class_ratios_weight_the_crop_centres(tmp_path):
+    import pytest
+
+    case, _ = _case(tmp_path)
+    alike = _recipe("class_balanced", "data.crop_foreground=false")
+    cached = T.instantiate(T.preprocessing(alike, with_label=True, training=True))(dict(case))
+    assert "ratios" not in T.train_sampling(alike)[0]  # not given: MONAI's default, configs unchanged
+    heavy = _recipe("class_balanced", "data.crop_foreground=false", "train.class_ratios={tumour: 8}")
+    assert heavy.class_ratio_list() == [1.0, 1.0, 8.0]
+    assert T.train_sampling(heavy)[0]["ratios"] == [1.0, 1.0, 8.0]
+    # 120 crops: about a third centred on the tumour when alike, 8/10 with the ratios, few with ratio 0 (a crop
+    # whose centre is near the image's edge is moved inwards, which can put another class's centre on it).
+    n_alike, n_heavy = _crop_centres_on(alike, cached, 2), _crop_centres_on(heavy, cached, 2)
+    assert 20 <= n_alike <= 60 and n_heavy >= 80
+    none = _recipe("class_balanced", "data.crop_foreground=false", "train.class_ratios={tumour: 0}")
+    assert _crop_centres_on(none, cached, 2) <= n_alike // 4
+    from volseg.errors import UserError
+
+    with pytest.raises(UserError, match="needs train.sampler class_balanced"):
+        _recipe("pos_neg", "train.class_ratios={tumour: 3}")
+    with pytest.raises(UserError, match="unknown label .lesion."):
+        _recipe("class_balanced", "train.class_ratios={lesion: 3}")
+    with pytest.raises(UserError, match="above 0"):
+        _recipe("class_balanced", "train.class_ratios={background: 0, liver: 0, tumour: 0}")
+
+
+def test_class_weights_reach_both_terms_of_the_loss():
+    import pytest
+    from monai.bundle import ConfigParser
+
+    from volseg.errors import UserError
+
+    assert "weight" not in bundle._loss(_recipe("pos_neg"))
+    recipe = _recipe("pos_neg", "train.loss.class_weights={tumour: 3}", "train.loss.dice_background=false")
+    cfg = bundle._loss(recipe)
+    loss = ConfigParser({"device": "$torch.device('cpu')", "loss": cfg}).get_parsed_content("loss")
+    assert loss.cross_entropy.weight.tolist() == [1.0, 1.0, 3.0]
+    assert loss.dice.class_weight.tolist() == [1.0, 3.0]  # the Dice term has no background channel here
+    # The weighted loss pulls harder towards the tumour: same logits, a missed tumour voxel costs more.
+    target = torch.zeros(1, 1, 4, 4, 4)
+    target[0, 0, :2] = 1
+    target[0, 0, 0, 0, 0] = 2
+    logits = torch.zeros(1, 3, 4, 4, 4)
+    logits[:, 1][target[:, 0] > 0] = 3.0
+    plain = ConfigParser({"device": "$torch.device('cpu')", "loss": bundle._loss(_recipe(
+        "pos_neg", "train.loss.dice_background=false"))}).get_parsed_content("loss")  # fmt: skip
+    assert float(loss(logits, target)) > float(plain(logits, target))
+    with pytest.raises(UserError, match="unknown label 'lesion'"):
+        _recipe("pos_neg", "train.loss.class_weights={lesion: 3}")

@@ -211,6 +211,11 @@ def _loss(recipe: Recipe) -> dict[str, Any]:
         base["batch"] = True
     if not loss.dice_background:
         base["include_background"] = False
+    weights = recipe.class_weight_list()
+    if weights is not None:
+        # MONAI's DiceCELoss takes a tensor (the cross-entropy's class weights; without the background's for the
+        # Dice term when that leaves the background out).
+        base["weight"] = "$torch.tensor([" + ", ".join(f"{w!r}" for w in weights) + "], device=@device)"
     if NETWORKS[recipe.model.name].deep_supervision:
         ds: dict[str, Any] = {"_target_": "DeepSupervisionLoss", "loss": base, "weight_mode": "exp"}
         if loss.deep_supervision_weights:

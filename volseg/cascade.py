@@ -53,6 +53,12 @@ def fine_recipe(recipe: Recipe) -> Recipe:
     raw["model"]["args"] = {**recipe.model.args, **c.model_args}
     t = raw["train"]
     t.update(patch_size=list(c.patch_size), sampler=c.sampler)
+    if c.class_ratios is not None:
+        t["class_ratios"] = dict(c.class_ratios)
+    elif c.sampler != "class_balanced":
+        t["class_ratios"] = None
+    if c.class_weights is not None:
+        t["loss"]["class_weights"] = dict(c.class_weights)
     if c.max_epochs is not None:
         t["max_epochs"] = c.max_epochs
     for key in ("iterations_per_epoch", "batch_size", "val_interval"):

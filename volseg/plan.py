@@ -80,6 +80,10 @@ CASCADE_MAX_ROI_FRACTION = 0.5
 CASCADE_COARSE_SHARE = 0.25
 #: An object narrower than this many voxels at the target spacing counts as small.
 SMALL_OBJECT_VOXELS = 6.0
+#: Class-balanced crops: a small label's share relative to every other label's (train.class_ratios).
+SMALL_LABEL_CROP_WEIGHT = 3.0
+#: A small label's weight in the loss (train.loss.class_weights): its cross-entropy and its Dice term.
+SMALL_LABEL_LOSS_WEIGHT = 3.0
 #: A label whose largest object holds at least this share of it in every case counts as one object (the rest are
 #: specks) for largest-component filtering.
 SINGLE_OBJECT_SHARE = 0.95
@@ -875,7 +879,13 @@ def determine_sampling(fp: Fingerprint, spacing: Sequence[float] | None) -> tupl
     rare = [n for n, f in fg.items() if fg and f < 0.1 * max(fg.values())]
     if len(fg) > 1 and (rare or small):
         why = ", ".join(sorted(set(rare) | set(small)))
-        return {"sampler": "class_balanced"}, f"crops centred on each class in turn: {why} rare or small"
+        if not small:
+            return {"sampler": "class_balanced"}, f"crops centred on each class in turn: {why} rare"
+        ratios = {name: SMALL_LABEL_CROP_WEIGHT for name in sorted(small)}
+        return {"sampler": "class_balanced", "class_ratios": ratios}, (
+            f"crops centred on each class in turn: {why} rare or small; {SMALL_LABEL_CROP_WEIGHT:g}x as many centred "
+            f"on the small objects ({', '.join(sorted(small))}), which a short training otherwise learns last"
+        )
     if small:
         return {"sampler": "pos_neg", "pos_fraction": 0.8}, (
             f"small objects ({', '.join(small)}): 80% of the crops centred on foreground"
@@ -1299,7 +1309,7 @@ def _train_section(stage: _Stage, device: str) -> tuple[dict[str, Any], dict[str
         **stage.sched,
         "optimizer": optimizer,
         "scheduler": {"name": "poly", "power": 0.9},
-        "loss": {"name": "dice_ce", "batch_dice": True, "dice_background": False},
+        "loss": {"name": "dice_ce", "batch_dice": True, "dice_background": False, **_loss_weights(stage)},
         "amp": True,
         "num_workers": 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1)),
         "augment": stage.aug,
@@ -1318,16 +1328,32 @@ def _train_section(stage: _Stage, device: str) -> tuple[dict[str, Any], dict[str
         "train.optimizer": why_opt,
         "train.scheduler": "nnU-Net's poly learning-rate decay (power 0.9)",
         "train.loss": "Dice + cross-entropy, the Dice term over the whole batch and without the background "
-        "(nnU-Net's batch Dice, do_bg=False): a patch without a small structure does not swing its Dice term",
+        "(nnU-Net's batch Dice, do_bg=False): a patch without a small structure does not swing its Dice term"
+        + _loss_weights_why(stage),
         "train.amp": "mixed precision: CUDA AMP, or bfloat16 on CPUs that have it natively",
         "train.num_workers": "one loader process on a CPU, which the training step needs"
         if device == "cpu"
         else "loader processes for the GPU",
         "train.augment": stage.why["augment"],
     }
-    if "pos_fraction" in stage.sampling:
-        why["train.pos_fraction"] = "see sampler"
+    for key in ("pos_fraction", "class_ratios"):
+        if key in stage.sampling:
+            why[f"train.{key}"] = "see sampler"
     return train, why
+
+
+def _loss_weights(stage: _Stage) -> dict[str, Any]:
+    """The small labels' loss weights (the labels the sampler weights: see :func:`determine_sampling`)."""
+    small = stage.sampling.get("class_ratios") or {}
+    return {"class_weights": {name: SMALL_LABEL_LOSS_WEIGHT for name in small}} if small else {}
+
+
+def _loss_weights_why(stage: _Stage) -> str:
+    weights = _loss_weights(stage).get("class_weights")
+    if not weights:
+        return ""
+    return (f"; the small objects' terms ({', '.join(weights)}) weigh {SMALL_LABEL_LOSS_WEIGHT:g}x, since a short "
+            "training otherwise leaves them under-segmented")  # fmt: skip
 
 
 def _cascade_section(fine: _Stage, train: dict[str, Any], margin: float) -> tuple[dict[str, Any], dict[str, str]]:
@@ -1340,6 +1366,9 @@ def _cascade_section(fine: _Stage, train: dict[str, Any], margin: float) -> tupl
         "model_args": fine.model["args"],
         "sampler": fine.sampling["sampler"],
     }
+    if "class_ratios" in fine.sampling:
+        section["class_ratios"] = fine.sampling["class_ratios"]
+    section.update(_loss_weights(fine))
     for key in ("max_epochs", "iterations_per_epoch", "batch_size", "val_interval"):
         if fine_train[key] != train[key]:
             section[key] = fine_train[key]
@@ -1351,6 +1380,8 @@ def _cascade_section(fine: _Stage, train: dict[str, Any], margin: float) -> tupl
         "cascade.patch_size": "the crops' median size at the target spacing; " + fine.why["patch"],
         "cascade.model_args": fine.why["topology"] + "; " + fine.why["widths"],
         "cascade.sampler": fine.why["sampling"],
+        "cascade.class_ratios": "see sampler",
+        "cascade.class_weights": "the fine stage's loss weights" + _loss_weights_why(fine),
         "cascade.max_epochs": fine.why["schedule"] + f"; {fine.why['step']}",
         "cascade.iterations_per_epoch": fine.why["schedule"] + f"; {fine.why['step']}",
         "cascade.val_interval": "see iterations_per_epoch",

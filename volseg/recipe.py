@@ -256,6 +256,11 @@ class Loss(_Strict):
     weight_map: WeightMap | None = Field(
         default=None, description="the U-Net paper's weight map on the cross-entropy term (null: off)"
     )
+    class_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        default=None,
+        description="weight of each label's terms in the cross-entropy and the Dice mean, by name (a label not "
+        "named gets 1); None: all alike",
+    )
 
 
 class Augment(_Strict):
@@ -286,6 +291,11 @@ class Train(_Strict):
     samples_per_volume: PositiveInt = 4
     sampler: Literal["pos_neg", "class_balanced"] = "pos_neg"
     pos_fraction: Annotated[float, Field(ge=0, le=1)] = 0.67
+    class_ratios: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        default=None,
+        description="class_balanced sampler: relative share of the crops centred on each label, by name (a label "
+        "not named gets 1); None: every label alike",
+    )
     max_epochs: PositiveInt = 100
     iterations_per_epoch: PositiveInt | None = Field(
         default=None, description="repeat the training set so that an epoch has this many iterations"
@@ -374,6 +384,12 @@ class Cascade(_Strict):
     sampler: Literal["pos_neg", "class_balanced"] = Field(
         default="class_balanced", description="class_balanced centres patches on every label alike (small lesions)"
     )
+    class_ratios: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        default=None, description="the fine stage's train.class_ratios (defaults to train's)"
+    )
+    class_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, description="the fine stage's train.loss.class_weights (defaults to train's)"
+    )
 
 
 class Recipe(_Strict):
@@ -418,9 +434,17 @@ class Recipe(_Strict):
             raise ValueError(f"data.orientation '{self.data.orientation}' does not have {nd} letters")
         if self.train.loss.weight_map is not None and self.train.loss.name == "dice":
             raise ValueError("train.loss.weight_map weights the cross-entropy term; it needs loss name dice_ce or ce")
+        weights = self.train.loss.class_weights
+        if weights is not None:
+            if self.train.loss.weight_map is not None:
+                raise ValueError("train.loss.class_weights and train.loss.weight_map cannot be combined")
+            for name in weights:
+                if name not in self.data.labels:
+                    raise ValueError(f"train.loss.class_weights names unknown label '{name}'")
         for name in self.infer.postprocess.largest_component:
             if name not in self.data.labels:
                 raise ValueError(f"infer.postprocess.largest_component names unknown label '{name}'")
+        self._check_class_ratios("train", self.train.sampler, self.train.class_ratios)
         stride = 2 ** _depth(self.model)
         bad = [p for p in self.train.patch_size if p % stride]
         if bad:
@@ -429,13 +453,48 @@ class Recipe(_Strict):
             self._check_cascade(self.cascade)
         return self
 
+    def _check_class_ratios(self, where: str, sampler: str, ratios: dict[str, float] | None) -> None:
+        if ratios is None:
+            return
+        if sampler != "class_balanced":
+            raise ValueError(f"{where}.class_ratios needs {where}.sampler class_balanced")
+        for name in ratios:
+            if name not in self.data.labels:
+                raise ValueError(f"{where}.class_ratios names unknown label '{name}'")
+        if not any(ratios.get(n, 1.0) > 0 for n in self.data.labels):
+            raise ValueError(f"{where}.class_ratios: at least one label needs a share above 0")
+
+    def class_weight_list(self) -> list[float] | None:
+        """``train.loss.class_weights`` indexed by label value (None: all alike)."""
+        weights = self.train.loss.class_weights
+        if weights is None:
+            return None
+        out = [1.0] * self.num_classes
+        for name, lab in self.data.labels.items():
+            out[lab.value] = float(weights.get(name, 1.0))
+        return out
+
+    def class_ratio_list(self) -> list[float] | None:
+        """``train.class_ratios`` as the class-balanced crop's ratios, indexed by label value (None: alike)."""
+        ratios = self.train.class_ratios
+        if ratios is None:
+            return None
+        out = [1.0] * self.num_classes
+        for name, lab in self.data.labels.items():
+            out[lab.value] = float(ratios.get(name, 1.0))
+        return out
+
     def _check_cascade(self, c: Cascade) -> None:
         nd = self.model.spatial_dims
+        self._check_class_ratios("cascade", c.sampler, c.class_ratios)
         if nd != 3:
             raise ValueError("cascade needs a 3D model")
         for key, value in (("cascade.spacing", c.spacing), ("cascade.patch_size", c.patch_size)):
             if len(value) != nd:
                 raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
+        for name in c.class_weights or {}:
+            if name not in self.data.labels:
+                raise ValueError(f"cascade.class_weights names unknown label '{name}'")
         for name in c.roi_labels:
             if name not in self.data.labels or self.data.labels[name].value == 0:
                 raise ValueError(f"cascade.roi_labels names '{name}', which is not a foreground label")

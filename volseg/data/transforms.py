@@ -222,6 +222,9 @@ def train_sampling(recipe: Recipe) -> list[Component]:
                 "indices_key": CLASS_INDICES_KEY,  # from the cached preprocessing (padded there)
             }
         )
+        ratios = recipe.class_ratio_list()
+        if ratios is not None:  # written only when given, so that other recipes' configs stay as they were
+            chain[-1]["ratios"] = ratios
     if weighted:
         chain += [
             {"_target_": "ConcatItemsd", "keys": ["label", "weight"], "name": "label", "dim": 0},
