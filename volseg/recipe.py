@@ -464,25 +464,22 @@ class Recipe(_Strict):
         if not any(ratios.get(n, 1.0) > 0 for n in self.data.labels):
             raise ValueError(f"{where}.class_ratios: at least one label needs a share above 0")
 
-    def class_weight_list(self) -> list[float] | None:
-        """``train.loss.class_weights`` indexed by label value (None: all alike)."""
-        weights = self.train.loss.class_weights
-        if weights is None:
+    def _by_value(self, by_name: dict[str, float] | None) -> list[float] | None:
+        """Per-label values given by name, as a list indexed by label value (a label not named gets 1)."""
+        if by_name is None:
             return None
         out = [1.0] * self.num_classes
         for name, lab in self.data.labels.items():
-            out[lab.value] = float(weights.get(name, 1.0))
+            out[lab.value] = float(by_name.get(name, 1.0))
         return out
+
+    def class_weight_list(self) -> list[float] | None:
+        """``train.loss.class_weights`` indexed by label value (None: all alike)."""
+        return self._by_value(self.train.loss.class_weights)
 
     def class_ratio_list(self) -> list[float] | None:
         """``train.class_ratios`` as the class-balanced crop's ratios, indexed by label value (None: alike)."""
-        ratios = self.train.class_ratios
-        if ratios is None:
-            return None
-        out = [1.0] * self.num_classes
-        for name, lab in self.data.labels.items():
-            out[lab.value] = float(ratios.get(name, 1.0))
-        return out
+        return self._by_value(self.train.class_ratios)
 
     def _check_cascade(self, c: Cascade) -> None:
         nd = self.model.spatial_dims
