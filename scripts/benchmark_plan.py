@@ -400,8 +400,13 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=list(DATASETS))
     ap.add_argument("--budget", default="4m", help="training time of each recipe, e.g. 4m, 240s (default 4m)")
     ap.add_argument("--plan-budget", help="the budget volseg plan plans for (default: --budget)")
-    ap.add_argument("--sides", nargs="+", choices=["planned", "hand"], default=["planned", "hand"],
-                    help="which recipes to train (default both; one alone reports no difference)")
+    ap.add_argument(
+        "--sides",
+        nargs="+",
+        choices=["planned", "hand"],
+        default=["planned", "hand"],
+        help="which recipes to train (default both; one alone reports no difference)",
+    )
     ap.add_argument("--n-train", type=int, default=10, help="training cases per data set (default 10)")
     ap.add_argument("--n-test", type=int, default=4, help="held-out cases per data set (default 4)")
     ap.add_argument("--ct-spacing", type=float, default=1.5, help="isotropic CT voxel size in mm (default 1.5)")

@@ -184,9 +184,8 @@ class Predictor:
         chosen = _choose_engine(bundle, engine, recipe, dev, precision, overrides, trust, configs, folds, notes)
         if recipe is not None and recipe.cascade is not None:
             # A cascade (volseg.cascade): the bundle is the coarse stage, stages/fine/ the fine one, vetted alike.
-            from volseg.cascade import CascadeEngine, check_fine_stage
-
             from volseg.bundle import read_bundle_recipe
+            from volseg.cascade import CascadeEngine, check_fine_stage
 
             # The stage check compares the recipes as trained; --set overrides then apply to both stages.
             as_trained = read_bundle_recipe(bundle) if overrides else recipe

@@ -291,7 +291,7 @@ def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[s
     if found.size > 1000:
         raise UserError(f"{found.size} distinct label values: is this an image?", where)
     for value, count in zip(found.tolist(), counts.tolist(), strict=True):
-        s = stats.setdefault(int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": []})
+        s = stats.setdefault(int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": [], "largest_share": []})
         s["voxels"] += int(count)
         if value == 0:
             continue
@@ -300,7 +300,7 @@ def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[s
         s["objects"].extend(diam)
         s["per_case"].append(len(diam))
         sizes = np.asarray(diam, dtype=np.float64) ** nd  # proportional to each object's volume (area in 2D)
-        s.setdefault("largest_share", []).append(float(sizes.max() / sizes.sum()))
+        s["largest_share"].append(float(sizes.max() / sizes.sum()))
 
 
 def _channel_summary(fg: list[np.ndarray], everything: list[np.ndarray], name: str) -> dict[str, Any]:
@@ -328,7 +328,7 @@ def _label_summary(value: int, s: dict[str, Any], name: str, total_voxels: int) 
                 "objects_per_case_max": int(max(s["per_case"])),
                 "objects_per_case_median": float(np.median(s["per_case"])),
                 # The smallest share of a case's label that its largest object holds (1: one object everywhere).
-                "largest_object_share_min": float(min(s.get("largest_share") or [1.0])),
+                "largest_object_share_min": float(min(s["largest_share"])),
                 "object_diameter_mm": {
                     "median": float(np.median(obj)),
                     "p10": float(np.percentile(obj, 10)),
@@ -935,7 +935,7 @@ def determine_postprocess(fp: Fingerprint) -> tuple[list[str], Reason]:
     labels = [lab for v, lab in fp["labels"].items() if v != "0" and lab.get("cases_present", 0) >= 2]
     single = [lab["name"] for lab in labels if _one_object(lab)]
     if single:
-        specks = [lab["name"] for lab in labels if lab["name"] in single and lab.get("objects_per_case_max") != 1]
+        specks = [lab["name"] for lab in labels if _one_object(lab) and lab.get("objects_per_case_max") != 1]
         why = f"{', '.join(single)}: one connected object in every case"
         if specks:
             why += (f" ({', '.join(specks)}: its largest object holds >= {SINGLE_OBJECT_SHARE:.0%} of it in each case; "

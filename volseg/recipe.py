@@ -438,9 +438,7 @@ class Recipe(_Strict):
         if weights is not None:
             if self.train.loss.weight_map is not None:
                 raise ValueError("train.loss.class_weights and train.loss.weight_map cannot be combined")
-            for name in weights:
-                if name not in self.data.labels:
-                    raise ValueError(f"train.loss.class_weights names unknown label '{name}'")
+            self._check_known("train.loss.class_weights", weights)
         for name in self.infer.postprocess.largest_component:
             if name not in self.data.labels:
                 raise ValueError(f"infer.postprocess.largest_component names unknown label '{name}'")
@@ -453,14 +451,17 @@ class Recipe(_Strict):
             self._check_cascade(self.cascade)
         return self
 
+    def _check_known(self, key: str, names: dict[str, float]) -> None:
+        for name in names:
+            if name not in self.data.labels:
+                raise ValueError(f"{key} names unknown label '{name}'")
+
     def _check_class_ratios(self, where: str, sampler: str, ratios: dict[str, float] | None) -> None:
         if ratios is None:
             return
         if sampler != "class_balanced":
             raise ValueError(f"{where}.class_ratios needs {where}.sampler class_balanced")
-        for name in ratios:
-            if name not in self.data.labels:
-                raise ValueError(f"{where}.class_ratios names unknown label '{name}'")
+        self._check_known(f"{where}.class_ratios", ratios)
         if not any(ratios.get(n, 1.0) > 0 for n in self.data.labels):
             raise ValueError(f"{where}.class_ratios: at least one label needs a share above 0")
 
@@ -489,9 +490,7 @@ class Recipe(_Strict):
         for key, value in (("cascade.spacing", c.spacing), ("cascade.patch_size", c.patch_size)):
             if len(value) != nd:
                 raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
-        for name in c.class_weights or {}:
-            if name not in self.data.labels:
-                raise ValueError(f"cascade.class_weights names unknown label '{name}'")
+        self._check_known("cascade.class_weights", c.class_weights or {})
         for name in c.roi_labels:
             if name not in self.data.labels or self.data.labels[name].value == 0:
                 raise ValueError(f"cascade.roi_labels names '{name}', which is not a foreground label")
