@@ -585,3 +585,76 @@ def test_fingerprint_records_the_largest_objects_share(tmp_path: Path) -> None:
     assert lab["objects_per_case_max"] == 2
     assert lab["largest_object_share_min"] == pytest.approx(4000 / 4004, rel=1e-6)
     assert P.determine_postprocess(fp)[0] == [lab["name"]]
+
+
+def _sided_fp(centres: list[list[float]], nd: int = 3) -> dict:
+    return {
+        "spatial_dims": nd,
+        "labels": {
+            "0": {"name": "background"},
+            "1": {"name": "organ", "cases_present": len(centres), "centre_fraction_per_case": centres},
+        },
+    }
+
+
+def test_mirroring_skips_axes_where_a_label_is_always_on_one_side() -> None:
+    from volseg.plan import determine_augmentation
+
+    # Always right of the middle along axis 0 and above it along axis 2; either side along axis 1.
+    centres = [[0.62, 0.45, 0.7], [0.66, 0.55, 0.6], [0.58, 0.52, 0.65], [0.7, 0.47, 0.72], [0.6, 0.53, 0.68]]
+    aug, why = determine_augmentation(_sided_fp(centres), [1.0, 1.0, 1.0], [64, 64, 64])
+    assert aug["flip_axes"] == [1] and aug["flip"] == 0.5
+    assert "left-right" in why and "superior-inferior" in why and "organ" in why
+    # Every axis one-sided: no mirroring at all.
+    aug, _ = determine_augmentation(_sided_fp([[0.7, 0.3, 0.8]] * 5), [1.0, 1.0, 1.0], [64, 64, 64])
+    assert aug["flip"] == 0.0 and aug["flip_axes"] == []
+
+
+def test_mirroring_kept_for_centred_labels_few_cases_and_old_fingerprints() -> None:
+    from volseg.plan import determine_augmentation
+
+    centred = [[0.5 + 0.03 * (-1) ** i, 0.51, 0.49 + 0.02 * (-1) ** i] for i in range(6)]
+    aug, _ = determine_augmentation(_sided_fp(centred), [1.0] * 3, [64] * 3)
+    assert aug["flip"] == 0.5 and "flip_axes" not in aug
+    # One side every time, but only 3 cases (chance): mirrored.
+    aug, _ = determine_augmentation(_sided_fp([[0.7, 0.5, 0.5]] * 3), [1.0] * 3, [64] * 3)
+    assert "flip_axes" not in aug
+    # Just off the middle (median offset below the threshold): mirrored.
+    aug, _ = determine_augmentation(_sided_fp([[0.52, 0.5, 0.5]] * 6), [1.0] * 3, [64] * 3)
+    assert "flip_axes" not in aug
+    # A fingerprint written before the centres were recorded: every axis, as before.
+    fp = _sided_fp([[0.7, 0.5, 0.5]] * 6)
+    del fp["labels"]["1"]["centre_fraction_per_case"]
+    aug, _ = determine_augmentation(fp, [1.0] * 3, [64] * 3)
+    assert "flip_axes" not in aug
+    # 2D: the stored axes.
+    aug, why = determine_augmentation(_sided_fp([[0.8, 0.5]] * 6, nd=2), [1.0, 1.0], [128, 128])
+    assert aug["flip_axes"] == [1] and "axis 0" in why
+
+
+def test_centre_fraction_follows_the_world_axes() -> None:
+    from volseg.plan import _centre_fraction
+
+    mask = np.zeros((10, 8, 6), bool)
+    mask[7:9, 0:2, 2:4] = True  # high stored index along axis 0, low along axis 1
+    ras = np.diag([2.0, 2.0, 3.0, 1.0])
+    c = _centre_fraction(mask, ras)
+    assert c == [0.8, 0.125, 0.5]
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])  # stored axes 0 and 1 run towards -R and -A
+    c = _centre_fraction(mask, lps)
+    assert c == [0.2, 0.875, 0.5]
+
+
+def test_flip_axes_reach_the_training_chain_and_are_checked() -> None:
+    from volseg.data.transforms import train_sampling
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "liver_ct.yaml"
+
+    def flipped(overrides: list[str]) -> list[int]:
+        chain = train_sampling(load_recipe(cfg, ["train.augment.flip=0.5", *overrides]))
+        return [t["spatial_axis"] for t in chain if t["_target_"] == "RandFlipd"]
+
+    assert flipped(["train.augment.flip_axes=[1]"]) == [1]
+    assert flipped([]) == [0, 1, 2]
+    with pytest.raises(Exception, match="flip_axes"):
+        load_recipe(cfg, ["train.augment.flip_axes=[0,0]"])

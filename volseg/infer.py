@@ -173,11 +173,17 @@ class Predictor:
         # weights_only=True, and only warns that other tools would run the configs.
         configs = _vet_configs(bundle, engine, recipe, trust, notes)
         dev = resolve_device(device)
-        if recipe is not None and recipe.infer.tta_flips and not recipe.train.augment.flip:
-            notes.append(
-                "note: infer.tta_flips mirrors the input, but this model was trained without flips "
-                "(train.augment.flip 0): on phantoms that lowered Dice (docs/benchmarks.md)"
-            )
+        if recipe is not None and recipe.infer.tta_flips:
+            aug = recipe.train.augment
+            trained = set() if not aug.flip else set(range(recipe.model.spatial_dims) if aug.flip_axes is None
+                                                     else aug.flip_axes)  # fmt: skip
+            untrained = sorted(set(recipe.infer.tta_flips) - trained)
+            if untrained:
+                notes.append(
+                    f"note: infer.tta_flips mirrors the input along axes {untrained}, but this model was trained "
+                    "without flips there (train.augment.flip, flip_axes): on phantoms that lowered Dice "
+                    "(docs/benchmarks.md)"
+                )
         from volseg.folds import fold_weights
 
         folds = fold_weights(bundle) if recipe is not None else []

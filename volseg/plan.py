@@ -87,6 +87,11 @@ SMALL_LABEL_LOSS_WEIGHT = 3.0
 #: A label whose largest object holds at least this share of it in every case counts as one object (the rest are
 #: specks) for largest-component filtering.
 SINGLE_OBJECT_SHARE = 0.95
+#: Mirroring is decided from where the labels lie only with at least this many cases holding the label ...
+MIRROR_MIN_CASES = 5
+#: ... and an axis is one-sided for a label when its centre lies on one side of the middle in every case, by at
+#: least this fraction of the image's extent on the median (the liver phantoms: 0.06-0.19 left-right).
+ONE_SIDED_OFFSET = 0.05
 #: Bytes kept for the backward pass per feature-map element (float32, about 12 tensors per element for MONAI's
 #: residual U-Net: convolution, normalisation and activation outputs of two sub-units, the concatenation,
 #: the up-convolution); AMP keeps about 60% of that.
@@ -279,6 +284,24 @@ def _case_geometry(case: dict[str, Any], chans: np.ndarray, label: np.ndarray, a
     }
 
 
+def _centre_fraction(mask: np.ndarray, affine: np.ndarray) -> list[float]:
+    """Where a label's centre of mass lies in the image, as a fraction of its extent along each axis: RAS axes,
+    each measured towards +R, +A, +S (3D), or the stored axes (2D). 0.5 is the middle."""
+    nd = mask.ndim
+    centre = [0.5] * nd
+    order = _ras_order(affine, nd)
+    for stored in range(nd):
+        counts = mask.sum(axis=tuple(a for a in range(nd) if a != stored), dtype=np.int64)
+        if not counts.any():
+            continue
+        frac = float((counts * (np.arange(mask.shape[stored]) + 0.5)).sum() / counts.sum() / mask.shape[stored])
+        world = order[stored]
+        if nd == 3 and affine[world, stored] < 0:
+            frac = 1.0 - frac
+        centre[world] = round(frac, 4)
+    return centre
+
+
 def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[str, Any]], where: str) -> None:
     """Add a case's voxels per label value and its objects' sizes to ``stats``."""
     nd = label.ndim
@@ -291,7 +314,9 @@ def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[s
     if found.size > 1000:
         raise UserError(f"{found.size} distinct label values: is this an image?", where)
     for value, count in zip(found.tolist(), counts.tolist(), strict=True):
-        s = stats.setdefault(int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": [], "largest_share": []})
+        s = stats.setdefault(
+            int(value), {"voxels": 0, "cases": 0, "objects": [], "per_case": [], "largest_share": [], "centre": []}
+        )
         s["voxels"] += int(count)
         if value == 0:
             continue
@@ -301,6 +326,7 @@ def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[s
         s["per_case"].append(len(diam))
         sizes = np.asarray(diam, dtype=np.float64) ** nd  # proportional to each object's volume (area in 2D)
         s["largest_share"].append(float(sizes.max() / sizes.sum()))
+        s["centre"].append(_centre_fraction(values == value, affine))
 
 
 def _channel_summary(fg: list[np.ndarray], everything: list[np.ndarray], name: str) -> dict[str, Any]:
@@ -329,6 +355,9 @@ def _label_summary(value: int, s: dict[str, Any], name: str, total_voxels: int) 
                 "objects_per_case_median": float(np.median(s["per_case"])),
                 # The smallest share of a case's label that its largest object holds (1: one object everywhere).
                 "largest_object_share_min": float(min(s["largest_share"])),
+                # Per case, where the label's centre lies (fractions of the image along each axis): mirroring
+                # along an axis where it always lies on one side makes anatomy that never occurs.
+                "centre_fraction_per_case": s["centre"],
                 "object_diameter_mm": {
                     "median": float(np.median(obj)),
                     "p10": float(np.percentile(obj, 10)),
@@ -374,7 +403,7 @@ def fingerprint(
         ``foreground_mm``: the extent of the labelled voxels),
         ``channels`` (foreground ``mean``, ``std``, ``p00_5``, ``p99_5``, and ``image_p00_5`` over the whole
         image), ``labels`` (per value: ``name``, ``voxel_fraction``, ``cases_present``, ``objects_per_case_max``,
-        ``object_diameter_mm`` median, p10 and min).
+        ``largest_object_share_min``, ``centre_fraction_per_case``, ``object_diameter_mm`` median, p10 and min).
     """
     meta = meta or {}
     rng = np.random.default_rng(seed)
@@ -895,16 +924,45 @@ def determine_sampling(fp: Fingerprint, spacing: Sequence[float] | None) -> tupl
     )
 
 
+_AXIS_NAMES = {3: ("left-right", "anterior-posterior", "superior-inferior"), 2: ("axis 0", "axis 1")}
+
+
+def _one_sided_axes(fp: Fingerprint) -> dict[int, str]:
+    """Axes along which some label's centre lies on the same side of the image's middle in every case (at least
+    :data:`MIRROR_MIN_CASES` of them, by at least :data:`ONE_SIDED_OFFSET` of the extent on the median): the
+    anatomy is not mirror-symmetric there (the liver on the right, a left and a right kidney labelled apart).
+    Maps each such axis to the reason."""
+    nd = fp["spatial_dims"]
+    out: dict[int, str] = {}
+    for v, lab in fp["labels"].items():
+        centres = lab.get("centre_fraction_per_case")
+        if v == "0" or not centres or len(centres) < MIRROR_MIN_CASES:
+            continue
+        c = np.asarray(centres, dtype=np.float64) - 0.5
+        for axis in range(nd):
+            side = np.sign(c[:, axis])
+            if axis in out or not (np.all(side > 0) or np.all(side < 0)):
+                continue
+            if float(np.median(np.abs(c[:, axis]))) >= ONE_SIDED_OFFSET:
+                lo, hi = float(c[:, axis].min()) + 0.5, float(c[:, axis].max()) + 0.5
+                out[axis] = f"{lab['name']}'s centre at {lo:.2f}-{hi:.2f} of the image in all {len(c)} cases"
+    return out
+
+
 def determine_augmentation(
     fp: Fingerprint, spacing: Sequence[float] | None, patch: Sequence[int]
 ) -> tuple[dict[str, Any], Reason]:
     """nnU-Net's augmentation probabilities: mirroring 0.5, rotation 0.2, scaling 0.2, noise 0.1, brightness and
-    contrast; rotation kept to 15 degrees for anisotropic patches, where out-of-plane rotation mixes thick slices."""
+    contrast; rotation kept to 15 degrees for anisotropic patches, where out-of-plane rotation mixes thick slices.
+
+    Mirroring only where the anatomy allows: not along an axis on which a label always lies on one side
+    (:func:`_one_sided_axes`). Mirrored, such anatomy never occurs in the data, and labels named by side would
+    swap; a short training spends iterations on learning the mirror images."""
     nd = fp["spatial_dims"]
     sp = np.asarray(spacing if spacing is not None else [1.0] * nd)
     mm = np.asarray(patch) * sp
     aniso = nd == 3 and max(float(mm.max() / mm.min()), float(sp.max() / sp.min())) > ANISOTROPY_THRESHOLD
-    aug = {
+    aug: dict[str, Any] = {
         "flip": 0.5,
         "rotate": 0.2,
         "rotate_range_deg": 15.0 if aniso else 30.0,
@@ -917,6 +975,16 @@ def determine_augmentation(
     }
     why = "nnU-Net's probabilities (mirror 0.5, rotate 0.2, scale 0.2, noise 0.1; no elastic)"
     why += "; rotation within 15 degrees: anisotropic data" if aniso else "; rotation within 30 degrees"
+    one_sided = _one_sided_axes(fp)
+    if one_sided:
+        names = _AXIS_NAMES.get(nd, tuple(f"axis {a}" for a in range(nd)))
+        kept = [a for a in range(nd) if a not in one_sided]
+        aug = {"flip": 0.5 if kept else 0.0, "flip_axes": kept, **{k: v for k, v in aug.items() if k != "flip"}}
+        why += "; no mirroring along " + "; ".join(
+            f"axis {a} ({names[a]}: {one_sided[a]})" if nd == 3 else f"{names[a]} ({one_sided[a]})"
+            for a in sorted(one_sided)
+        )
+        why += ", where the anatomy is not mirror-symmetric"
     return aug, why
 
 

@@ -267,6 +267,11 @@ class Augment(_Strict):
     """Augmentations of the U-Net paper and its successors, each with its probability."""
 
     flip: Annotated[float, Field(ge=0, le=1)] = 0.5
+    flip_axes: tuple[Annotated[int, Field(ge=0, le=2)], ...] | None = Field(
+        default=None,
+        description="the axes mirrored (each with probability flip); None: every axis. Leave out an axis along "
+        "which the anatomy is not mirror-symmetric (the liver on one side, left and right organs labelled apart)",
+    )
     rotate90: Annotated[float, Field(ge=0, le=1)] = 0.0
     rotate: Annotated[float, Field(ge=0, le=1)] = 0.2
     rotate_range_deg: Annotated[float, Field(ge=0, le=180)] = 15.0
@@ -430,6 +435,11 @@ class Recipe(_Strict):
         flips = self.infer.tta_flips
         if any(a >= nd for a in flips) or len(set(flips)) != len(flips):
             raise ValueError(f"infer.tta_flips {list(flips)}: each axis once, and a {nd}D model's axes are 0-{nd - 1}")
+        axes = self.train.augment.flip_axes
+        if axes is not None and (any(a >= nd for a in axes) or len(set(axes)) != len(axes)):
+            raise ValueError(
+                f"train.augment.flip_axes {list(axes)}: each axis once, and a {nd}D model's axes are 0-{nd - 1}"
+            )
         if self.data.orientation is not None and len(self.data.orientation) != nd:
             raise ValueError(f"data.orientation '{self.data.orientation}' does not have {nd} letters")
         if self.train.loss.weight_map is not None and self.train.loss.name == "dice":
