@@ -174,10 +174,8 @@ class Predictor:
         configs = _vet_configs(bundle, engine, recipe, trust, notes)
         dev = resolve_device(device)
         if recipe is not None and recipe.infer.tta_flips:
-            aug = recipe.train.augment
-            trained = set() if not aug.flip else set(range(recipe.model.spatial_dims) if aug.flip_axes is None
-                                                     else aug.flip_axes)  # fmt: skip
-            untrained = sorted(set(recipe.infer.tta_flips) - trained)
+            trained = recipe.train.augment.flipped_axes(recipe.model.spatial_dims)
+            untrained = sorted(set(recipe.infer.tta_flips) - set(trained))
             if untrained:
                 notes.append(
                     f"note: infer.tta_flips mirrors the input along axes {untrained}, but this model was trained "

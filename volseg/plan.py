@@ -190,15 +190,15 @@ def _foreground_mm(label: np.ndarray, spacing: np.ndarray, ras: list[int]) -> li
     return extent
 
 
-def _objects(label: np.ndarray, value: int, spacing: Sequence[float]) -> list[float]:
-    """Equivalent diameters (mm) of the connected objects of one label value."""
+def _objects(mask: np.ndarray, spacing: Sequence[float]) -> list[float]:
+    """Equivalent diameters (mm) of the connected objects of one label's mask."""
     from scipy import ndimage
 
-    comp, n = ndimage.label(label == value)
+    comp, n = ndimage.label(mask)
     if n == 0:
         return []
     sizes = np.bincount(comp.ravel())[1:].astype(np.float64) * float(np.prod(spacing))
-    if label.ndim == 3:
+    if mask.ndim == 3:
         return [float(d) for d in np.cbrt(6.0 * sizes / math.pi)]
     return [float(d) for d in np.sqrt(4.0 * sizes / math.pi)]
 
@@ -285,20 +285,15 @@ def _case_geometry(case: dict[str, Any], chans: np.ndarray, label: np.ndarray, a
 
 
 def _centre_fraction(mask: np.ndarray, affine: np.ndarray) -> list[float]:
-    """Where a label's centre of mass lies in the image, as a fraction of its extent along each axis: RAS axes,
-    each measured towards +R, +A, +S (3D), or the stored axes (2D). 0.5 is the middle."""
+    """Where a non-empty label's centre of mass lies in the image, as a fraction of its extent along each axis: RAS
+    axes, each measured towards +R, +A, +S (3D), or the stored axes (2D). 0.5 is the middle."""
+    from scipy import ndimage
+
     nd = mask.ndim
     centre = [0.5] * nd
-    order = _ras_order(affine, nd)
-    for stored in range(nd):
-        counts = mask.sum(axis=tuple(a for a in range(nd) if a != stored), dtype=np.int64)
-        if not counts.any():
-            continue
-        frac = float((counts * (np.arange(mask.shape[stored]) + 0.5)).sum() / counts.sum() / mask.shape[stored])
-        world = order[stored]
-        if nd == 3 and affine[world, stored] < 0:
-            frac = 1.0 - frac
-        centre[world] = round(frac, 4)
+    for stored, (com, world) in enumerate(zip(ndimage.center_of_mass(mask), _ras_order(affine, nd), strict=True)):
+        frac = (float(com) + 0.5) / mask.shape[stored]
+        centre[world] = round(1.0 - frac if nd == 3 and affine[world, stored] < 0 else frac, 4)
     return centre
 
 
@@ -320,13 +315,14 @@ def _count_labels(label: np.ndarray, affine: np.ndarray, stats: dict[int, dict[s
         s["voxels"] += int(count)
         if value == 0:
             continue
-        diam = _objects(values, int(value), spacing)
+        mask = values == value
+        diam = _objects(mask, spacing)
         s["cases"] += 1
         s["objects"].extend(diam)
         s["per_case"].append(len(diam))
         sizes = np.asarray(diam, dtype=np.float64) ** nd  # proportional to each object's volume (area in 2D)
         s["largest_share"].append(float(sizes.max() / sizes.sum()))
-        s["centre"].append(_centre_fraction(values == value, affine))
+        s["centre"].append(_centre_fraction(mask, affine))
 
 
 def _channel_summary(fg: list[np.ndarray], everything: list[np.ndarray], name: str) -> dict[str, Any]:
@@ -924,7 +920,7 @@ def determine_sampling(fp: Fingerprint, spacing: Sequence[float] | None) -> tupl
     )
 
 
-_AXIS_NAMES = {3: ("left-right", "anterior-posterior", "superior-inferior"), 2: ("axis 0", "axis 1")}
+_RAS_AXIS_NAMES = ("left-right", "anterior-posterior", "superior-inferior")
 
 
 def _one_sided_axes(fp: Fingerprint) -> dict[int, str]:
@@ -977,12 +973,10 @@ def determine_augmentation(
     why += "; rotation within 15 degrees: anisotropic data" if aniso else "; rotation within 30 degrees"
     one_sided = _one_sided_axes(fp)
     if one_sided:
-        names = _AXIS_NAMES.get(nd, tuple(f"axis {a}" for a in range(nd)))
         kept = [a for a in range(nd) if a not in one_sided]
         aug = {"flip": 0.5 if kept else 0.0, "flip_axes": kept, **{k: v for k, v in aug.items() if k != "flip"}}
         why += "; no mirroring along " + "; ".join(
-            f"axis {a} ({names[a]}: {one_sided[a]})" if nd == 3 else f"{names[a]} ({one_sided[a]})"
-            for a in sorted(one_sided)
+            f"axis {a}{f' ({_RAS_AXIS_NAMES[a]})' if nd == 3 else ''}: {one_sided[a]}" for a in sorted(one_sided)
         )
         why += ", where the anatomy is not mirror-symmetric"
     return aug, why

@@ -284,6 +284,12 @@ class Augment(_Strict):
     intensity_scale: Annotated[float, Field(ge=0, le=1)] = 0.5
     noise: Annotated[float, Field(ge=0, le=1)] = 0.1
 
+    def flipped_axes(self, nd: int) -> list[int]:
+        """The axes training mirrors: ``flip_axes`` (every axis when None), none when ``flip`` is 0."""
+        if not self.flip:
+            return []
+        return list(range(nd)) if self.flip_axes is None else sorted(self.flip_axes)
+
 
 class EarlyStopping(_Strict):
     patience: PositiveInt = 20
@@ -432,14 +438,10 @@ class Recipe(_Strict):
         ):
             if value is not None and len(value) != nd:
                 raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
-        flips = self.infer.tta_flips
-        if any(a >= nd for a in flips) or len(set(flips)) != len(flips):
-            raise ValueError(f"infer.tta_flips {list(flips)}: each axis once, and a {nd}D model's axes are 0-{nd - 1}")
-        axes = self.train.augment.flip_axes
-        if axes is not None and (any(a >= nd for a in axes) or len(set(axes)) != len(axes)):
-            raise ValueError(
-                f"train.augment.flip_axes {list(axes)}: each axis once, and a {nd}D model's axes are 0-{nd - 1}"
-            )
+        for key, axes in (("infer.tta_flips", self.infer.tta_flips), ("train.augment.flip_axes",
+                                                                        self.train.augment.flip_axes)):  # fmt: skip
+            if axes is not None and (any(a >= nd for a in axes) or len(set(axes)) != len(axes)):
+                raise ValueError(f"{key} {list(axes)}: each axis once, and a {nd}D model's axes are 0-{nd - 1}")
         if self.data.orientation is not None and len(self.data.orientation) != nd:
             raise ValueError(f"data.orientation '{self.data.orientation}' does not have {nd} letters")
         if self.train.loss.weight_map is not None and self.train.loss.name == "dice":

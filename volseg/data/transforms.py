@@ -277,9 +277,8 @@ def train_sampling(recipe: Recipe) -> list[Component]:
         )
     if a.rotate90 > 0:
         chain.append({"_target_": "RandRotate90d", "keys": keys, "prob": a.rotate90, "max_k": 3})
-    if a.flip > 0:
-        for axis in range(nd) if a.flip_axes is None else sorted(a.flip_axes):
-            chain.append({"_target_": "RandFlipd", "keys": keys, "prob": a.flip, "spatial_axis": axis})
+    for axis in a.flipped_axes(nd):
+        chain.append({"_target_": "RandFlipd", "keys": keys, "prob": a.flip, "spatial_axis": axis})
     if a.intensity_scale > 0:
         chain.append({"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": a.intensity_scale})
     if a.intensity_shift > 0:
