@@ -230,6 +230,11 @@ def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
     assert "class_ratios" not in r["train"] and "class_weights" not in r["train"]["loss"]
     assert "lesion" in result.reasons["cascade.class_weights"]
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
+    # Each stage's trainer keeps to its share of the budget, less the start-up cost.
+    coarse_s = 3600.0 * P.CASCADE_COARSE_SHARE
+    assert r["train"]["time_budget_s"] == pytest.approx(coarse_s - P.FIXED_SECONDS)
+    assert fine.train.time_budget_s == pytest.approx(3600.0 - coarse_s - P.FIXED_SECONDS)
+    assert "caching" in result.reasons["train.time_budget_s"] and "cascade.time_budget_s" in result.reasons
 
 
 def test_small_objects_filling_the_image_keep_one_stage() -> None:
@@ -252,6 +257,7 @@ def test_two_dimensional_data_never_cascade() -> None:
     fp = make_fp([(1.0, 1.0)] * 6, [(2048, 2048)] * 6, labels=labels, foreground_mm=(100.0, 100.0))
     result = plan(fp)
     assert result.decisions["cascade"]["applied"] is False and "cascade" not in result.recipe
+    assert "time_budget_s" not in result.recipe["train"]  # no budget: the planned epochs as written
 
 
 def test_time_budget_sets_the_epochs() -> None:
@@ -299,7 +305,7 @@ def test_a_slow_cpu_gets_fewer_iterations_not_a_tiny_patch() -> None:
     flat = plan(make_fp([(1.0, 1.0)] * 6, [(512, 512)] * 6), device="cpu", time_budget_s=240, step_timer=slow)
     assert min(flat.recipe["train"]["patch_size"]) >= P.MIN_CPU_PATCH[2]
     cube = plan(make_fp([(1.0, 1.0, 1.0)] * 6, [(160, 160, 160)] * 6), device="cpu", time_budget_s=240,
-                step_timer=lambda m, p, b: float(np.prod(p)) / 2e3)  # fmt: skip
+                step_timer=lambda m, p, b: float(np.prod(p)) / 4e3)  # fmt: skip  # 32^3 voxels: 8 s
     assert min(cube.recipe["train"]["patch_size"]) >= P.MIN_CPU_PATCH[3]
     # The schedule follows the slow step: far fewer than the 500 iterations a fast machine would get.
     sched = cube.recipe["train"]

@@ -61,7 +61,7 @@ def fine_recipe(recipe: Recipe) -> Recipe:
         t["loss"]["class_weights"] = dict(c.class_weights)
     if c.max_epochs is not None:
         t["max_epochs"] = c.max_epochs
-    for key in ("iterations_per_epoch", "batch_size", "val_interval"):
+    for key in ("iterations_per_epoch", "batch_size", "val_interval", "time_budget_s"):
         if getattr(c, key) is not None:
             t[key] = getattr(c, key)
     raw["infer"]["roi_size"] = None

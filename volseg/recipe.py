@@ -320,6 +320,12 @@ class Train(_Strict):
         "with native bfloat16 (AVX512-BF16 or AMX); float32 elsewhere or when false",
     )
     val_interval: PositiveInt = 1
+    time_budget_s: PositiveFloat | None = Field(
+        default=None,
+        description="seconds the training (validation included, caching not) may take: after every epoch max_epochs "
+        "is fitted to the epoch and validation times measured so far, and a poly or cosine schedule to the new "
+        "length (volseg.training.budget); None: max_epochs as written",
+    )
     early_stopping: EarlyStopping | None = None
     seed: int = 0
     num_workers: Annotated[int, Field(ge=0)] = 2
@@ -392,6 +398,9 @@ class Cascade(_Strict):
     iterations_per_epoch: PositiveInt | None = Field(default=None, description="defaults to train's")
     batch_size: PositiveInt | None = Field(default=None, description="defaults to train.batch_size")
     val_interval: PositiveInt | None = Field(default=None, description="defaults to train.val_interval")
+    time_budget_s: PositiveFloat | None = Field(
+        default=None, description="the fine stage's train.time_budget_s (defaults to train's)"
+    )
     sampler: Literal["pos_neg", "class_balanced"] = Field(
         default="class_balanced", description="class_balanced centres patches on every label alike (small lesions)"
     )

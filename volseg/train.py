@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -223,6 +223,12 @@ def _run(
 
     checkpointer = Checkpointer(run_dir / LAST, engines.state_objects(), engines.saver, progress_of, rank == 0)
     _attach_epoch_end(recipe, run_dir, engines, metrics, checkpointer, echo, idist)
+    if recipe.train.time_budget_s is not None:
+        from volseg.training.budget import attach_time_budget
+
+        agree = (lambda n: int(cast(Any, idist.broadcast(n, src=0)))) if world > 1 else None
+        attach_time_budget(trainer, engines.evaluator, engines.scheduler, engines.optimizer,
+                           recipe.train.time_budget_s, recipe.train.val_interval, echo, agree)  # fmt: skip
     signals: list[int] = []
 
     @trainer.on(Events.ITERATION_COMPLETED)
