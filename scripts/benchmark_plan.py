@@ -23,7 +23,10 @@ scripts/benchmark_train.py does) that count the seconds from the trainer's start
 before it are not counted; validation inside training is) and terminate the trainer at the end of the iteration
 that reaches the cap. A cascade's two trainers share the budget: the coarse one is capped at its planned share
 (``volseg.plan.CASCADE_COARSE_SHARE``), the fine one at what is left. A recipe whose own epochs end sooner simply
-ends sooner; the hand recipes keep their own epochs. The bundle then holds the best validated weights, as always.
+ends sooner; the hand recipes keep their own epochs. A planned recipe's trainer keeps to its own budget
+(``train.time_budget_s``, ``cascade.time_budget_s``: it fits its epochs and schedule to it); the child sets each
+stage's budget to its cap, since the plan's own leaves out start-up time that the cap does not count. The bundle then
+holds the best validated weights, as always.
 
 Usage:
     python scripts/benchmark_plan.py [--datasets ct_iso mr cells] [--budget 4m] [--n-train 10] [--n-test 4] \
@@ -88,7 +91,8 @@ def train_child(spec_file: str) -> int:
     from volseg.recipe import load_recipe
 
     budget = float(spec["budget_s"])
-    cascade = load_recipe(spec["config"]).cascade is not None
+    recipe = load_recipe(spec["config"])
+    cascade = recipe.cascade is not None
     stages: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     trainer_init = SupervisedTrainer.__init__
@@ -123,6 +127,13 @@ def train_child(spec_file: str) -> int:
     SupervisedTrainer.__init__ = patched_init  # type: ignore[method-assign]
     argv = ["train", "--config", spec["config"], "--data", spec["data"], "--out", spec["out"],
             "--device", spec["device"]]  # fmt: skip
+    if recipe.train.time_budget_s is not None:
+        # A planned trainer keeps to its own budget, which leaves out a start-up allowance that the cap here does not
+        # count (it runs from the trainer's start): each stage gets its cap as its budget, as the hand recipe does.
+        first = budget * CASCADE_COARSE_SHARE if cascade else budget
+        argv += ["--set", f"train.time_budget_s={first:g}"]
+        if cascade:
+            argv += ["--set", f"cascade.time_budget_s={budget - first:g}"]
     rc = volseg_main(argv)
     for st in stages:
         st.pop("t0", None)

@@ -487,8 +487,8 @@ def demo(
         Path | None, typer.Option(help="a recipe instead of the plan (e.g. configs/demo_liver_ct.yaml)")
     ] = None,
     time_budget: Annotated[
-        str, typer.Option("--time-budget", help="training time the plan is made for (both stages), e.g. 12m")
-    ] = "12m",
+        str, typer.Option("--time-budget", help="training time the plan is made for (both stages), e.g. 14m")
+    ] = "14m",
     n_train: Annotated[int, typer.Option("--n-train", help="synthetic training cases")] = 10,
     n_test: Annotated[int, typer.Option("--n-test", help="held-out phantoms of the training generator")] = 5,
     n_torso: Annotated[int, typer.Option("--n-torso", help="held-out phantoms of the other family (torso_ct)")] = 2,

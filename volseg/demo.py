@@ -18,7 +18,7 @@ import numpy as np
 
 from volseg.errors import UserError
 
-DEFAULT_BUDGET = "12m"
+DEFAULT_BUDGET = "14m"
 """Training time the demo plans for (both stages together), so that the whole demo fits 15 minutes on 2 CPU cores."""
 
 LESION_SIZES_MM = (10.0, 20.0)

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-GROW_AT = 1.05
-"""More epochs are only added once at least this many times the current ``max_epochs`` fit (fewer are taken at
-once): the schedule does not change at every epoch for a second's difference."""
+GROW_AT = 1.1
+"""More epochs are only added when they would fit with the epochs and validations this much slower (fewer are taken
+at once): the schedule does not swing either way as the epoch times vary by a few percent."""
 
 MAX_EPOCHS_FITTED = 1_000_000
 """An upper bound on the epochs :func:`fit_epochs` returns (a budget of days at sub-millisecond epochs)."""
@@ -132,11 +132,17 @@ def attach_time_budget(
         clocks["last"] = now
         epoch, planned = engine.state.epoch, engine.state.max_epochs
         steady = record["train_s"][1:] or record["train_s"]
-        val_s = _median(record["val_s"]) if record["val_s"] else 0.0
-        fitted = fit_epochs(budget_s, now - clocks.get("start", now), epoch, _median(steady), val_s, val_interval)
+        epoch_s, val_s = _median(steady), (_median(record["val_s"]) if record["val_s"] else 0.0)
+        elapsed = now - clocks.get("start", now)
+        fitted = fit_epochs(budget_s, elapsed, epoch, epoch_s, val_s, val_interval)
+        if fitted > planned:
+            # Growing needs room to spare, and a validation timed once one was due (its cost is not yet known).
+            timed = bool(record["val_s"]) or epoch >= val_interval
+            roomy = fit_epochs(budget_s, elapsed, epoch, epoch_s * GROW_AT, val_s * GROW_AT, val_interval)
+            fitted = roomy if timed and roomy > planned else planned
         if agree is not None:
             fitted = int(agree(fitted))
-        if fitted == planned or planned < fitted < planned * GROW_AT:
+        if fitted == planned:
             return
         record["changes"].append((epoch, planned, fitted))
         per_epoch = f"{_median(steady):.1f} s per epoch" + (f", {val_s:.1f} s per validation" if val_s else "")
