@@ -24,9 +24,9 @@ before it are not counted; validation inside training is) and terminate the trai
 that reaches the cap. A cascade's two trainers share the budget: the coarse one is capped at its planned share
 (``volseg.plan.CASCADE_COARSE_SHARE``), the fine one at what is left. A recipe whose own epochs end sooner simply
 ends sooner; the hand recipes keep their own epochs. A planned recipe's trainer keeps to its own budget
-(``train.time_budget_s``, ``cascade.time_budget_s``: it fits its epochs and schedule to it); the child sets each
-stage's budget to its cap, since the plan's own leaves out start-up time that the cap does not count. The bundle then
-holds the best validated weights, as always.
+(``train.time_budget_s``, ``cascade.time_budget_s``: it lowers its epochs when they would overrun it); the child
+sets each stage's budget to its cap, since the plan's own leaves out start-up time that the cap does not count. The
+bundle then holds the best validated weights, as always.
 
 Usage:
     python scripts/benchmark_plan.py [--datasets ct_iso mr cells] [--budget 4m] [--n-train 10] [--n-test 4] \

@@ -1417,9 +1417,9 @@ def _trainer_budget(stage_budget_s: float) -> float:
 def _trainer_budget_why(stage: _Stage) -> str:
     if stage.budget_s is None:
         return ""
-    return (f"the stage's {stage.budget_s:.0f} s less {FIXED_SECONDS:.0f} s for caching and export: the trainer fits "
-            "max_epochs and the schedule to the epochs it measures, so that the budget holds on a slower or busier "
-            "machine than the one step measured here")  # fmt: skip
+    return (f"the stage's {stage.budget_s:.0f} s less {FIXED_SECONDS:.0f} s for caching and export: the trainer lowers "
+            "max_epochs (and fits the schedule) when the epochs it measures would overrun, so that the budget holds on "
+            "a slower or busier machine than the one step measured here")  # fmt: skip
 
 
 def _loss_weights(stage: _Stage) -> dict[str, Any]:

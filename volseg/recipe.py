@@ -322,9 +322,9 @@ class Train(_Strict):
     val_interval: PositiveInt = 1
     time_budget_s: PositiveFloat | None = Field(
         default=None,
-        description="seconds the training (validation included, caching not) may take: after every epoch max_epochs "
-        "is fitted to the epoch and validation times measured so far, and a poly or cosine schedule to the new "
-        "length (volseg.training.budget); None: max_epochs as written",
+        description="seconds the training (validation included, caching not) may take: after an epoch where the epoch "
+        "and validation times measured so far leave too little for max_epochs, max_epochs is lowered to what fits and "
+        "a poly or cosine schedule fitted to it (volseg.training.budget); never raised; None: max_epochs as written",
     )
     early_stopping: EarlyStopping | None = None
     seed: int = 0

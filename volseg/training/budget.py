@@ -2,11 +2,13 @@
 
 A plan made for a time budget sizes its schedule from one measured training step; the real epochs also load and
 augment crops (in a loader process that shares the CPU with the step), validate and write checkpoints, and on a
-shared machine they run slower still. So the trainer measures itself: after every epoch it fits ``max_epochs`` to
-the seconds left, at the median training time of the epochs so far (the first, which builds the convolution
-primitives, only while it is the only one) and the median validation time, and ends at the last epoch that fits. A
-poly or cosine learning-rate schedule is fitted to the new length, so that the rate still decays to its end. The
-budget counts this process's training from the trainer's start: caching before it is not counted, validation is.
+shared machine they run slower still. So the trainer measures itself: after every epoch it estimates, at the median
+training time of the epochs so far (the first, which builds the convolution primitives, only while it is the only
+one) and the median validation time, how many epochs the seconds left hold, and when that is fewer than
+``max_epochs`` it lowers ``max_epochs`` to the last one that fits. It never raises it: ``max_epochs`` stays the most
+a run trains, and a machine faster than the plan's measurement ends early. A poly or cosine learning-rate schedule
+is fitted to the new length, so that the rate still decays to its end. The budget counts this process's training
+from the trainer's start: caching before it is not counted, validation is.
 """
 
 from __future__ import annotations
@@ -15,10 +17,6 @@ import math
 import time
 from collections.abc import Callable
 from typing import Any
-
-GROW_AT = 1.1
-"""More epochs are only added when they would fit with the epochs and validations this much slower (fewer are taken
-at once): the schedule does not swing either way as the epoch times vary by a few percent."""
 
 MAX_EPOCHS_FITTED = 1_000_000
 """An upper bound on the epochs :func:`fit_epochs` returns (a budget of days at sub-millisecond epochs)."""
@@ -95,7 +93,7 @@ def attach_time_budget(
     agree: Callable[[int], int] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
-    """Fit the trainer's ``max_epochs`` (and its schedule) to ``budget_s`` after every epoch.
+    """Lower the trainer's ``max_epochs`` (and fit its schedule) after any epoch where ``budget_s`` would not hold it.
 
     ``agree`` makes the processes of a distributed run take one value (rank 0's). Returns the live record: the
     seconds measured per epoch (``train_s``) and per validation (``val_s``), and each change as
@@ -134,12 +132,8 @@ def attach_time_budget(
         steady = record["train_s"][1:] or record["train_s"]
         epoch_s, val_s = _median(steady), (_median(record["val_s"]) if record["val_s"] else 0.0)
         elapsed = now - clocks.get("start", now)
-        fitted = fit_epochs(budget_s, elapsed, epoch, epoch_s, val_s, val_interval)
-        if fitted > planned:
-            # Growing needs room to spare, and a validation timed once one was due (its cost is not yet known).
-            timed = bool(record["val_s"]) or epoch >= val_interval
-            roomy = fit_epochs(budget_s, elapsed, epoch, epoch_s * GROW_AT, val_s * GROW_AT, val_interval)
-            fitted = roomy if timed and roomy > planned else planned
+        # max_epochs stays the most the run trains: the budget only shortens it
+        fitted = min(planned, fit_epochs(budget_s, elapsed, epoch, epoch_s, val_s, val_interval))
         if agree is not None:
             fitted = int(agree(fitted))
         if fitted == planned:
