@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from statistics import median
 from typing import Any
 
 MAX_EPOCHS_FITTED = 1_000_000
@@ -76,12 +77,6 @@ def fit_schedule(scheduler: Any, optimizer: Any, epoch: int, max_epochs: int) ->
     return True
 
 
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2.0
-
-
 def attach_time_budget(
     trainer: Any,
     evaluator: Any,
@@ -130,7 +125,7 @@ def attach_time_budget(
         clocks["last"] = now
         epoch, planned = engine.state.epoch, engine.state.max_epochs
         steady = record["train_s"][1:] or record["train_s"]
-        epoch_s, val_s = _median(steady), (_median(record["val_s"]) if record["val_s"] else 0.0)
+        epoch_s, val_s = median(steady), (median(record["val_s"]) if record["val_s"] else 0.0)
         elapsed = now - clocks.get("start", now)
         # max_epochs stays the most the run trains: the budget only shortens it
         fitted = min(planned, fit_epochs(budget_s, elapsed, epoch, epoch_s, val_s, val_interval))
@@ -139,7 +134,7 @@ def attach_time_budget(
         if fitted == planned:
             return
         record["changes"].append((epoch, planned, fitted))
-        per_epoch = f"{_median(steady):.1f} s per epoch" + (f", {val_s:.1f} s per validation" if val_s else "")
+        per_epoch = f"{epoch_s:.1f} s per epoch" + (f", {val_s:.1f} s per validation" if val_s else "")
         if fitted <= epoch:
             echo(f"time budget {budget_s:.0f} s reached after epoch {epoch} ({per_epoch}): training ends here")
             engine.state.max_epochs = epoch  # ends as a completed run: the handlers of its end all run
