@@ -95,7 +95,7 @@ def test_the_handler_shortens_a_run_that_would_overrun_and_fits_its_schedule() -
     record = attach_time_budget(trainer, evaluator, sched, opt, 30.0, 1, lines.append, clock=clock)
     trainer.run(range(5), max_epochs=10)
     assert trainer.state.epoch == 4 and clock.t == pytest.approx(28.0)  # 4 x 7 s; a fifth would end at 35 s
-    assert record["changes"][0] == (1, 10, 4)
+    assert record["changes"][0] == (2, 10, 4)  # not after the first epoch, which may hold start-up costs
     assert record["train_s"][0] == pytest.approx(5.0) and record["val_s"][0] == pytest.approx(2.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ended with the run
     assert any("max_epochs 10 -> 4" in line for line in lines)
@@ -118,7 +118,7 @@ def test_the_handler_never_lengthens_a_run_and_stops_at_once_when_over() -> None
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(clock, "t", clock.t + next(times)))
     record = attach_time_budget(trainer, evaluator, None, None, 95.0, 1, lambda s: None, clock=clock)
     trainer.run(range(5), max_epochs=10)
-    assert record["changes"] == [(1, 10, 9)] and trainer.state.epoch == 9 and clock.t == pytest.approx(90.0)
+    assert record["changes"] == [(2, 10, 9)] and trainer.state.epoch == 9 and clock.t == pytest.approx(90.0)
 
     clock = _Clock()
     trainer, evaluator = _engines(clock, step_s=10.0, val_s=0.0, val_every=1)
@@ -126,6 +126,20 @@ def test_the_handler_never_lengthens_a_run_and_stops_at_once_when_over() -> None
     attach_time_budget(trainer, evaluator, None, None, 30.0, 1, lines.append, clock=clock)
     trainer.run(range(5), max_epochs=8)  # the first epoch alone takes 50 s
     assert trainer.state.epoch == 1 and any("reached after epoch 1" in line for line in lines)
+
+
+def test_a_slow_first_epoch_does_not_cut_the_run() -> None:
+    # The first epoch takes 30 s (start-up), the others 10 s: 9 epochs fit in 110 s, a cut after the first
+    # epoch alone would have kept 3 (its 30 s at face value: 30 + 2 x 30 = 90 s) and left 60 s unused.
+    clock = _Clock()
+    times = iter([30.0] + [10.0] * 20)
+    trainer, evaluator = _engines(clock, step_s=0.0, val_s=0.0, val_every=1)
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(clock, "t", clock.t + next(times)))
+    record = attach_time_budget(trainer, evaluator, None, None, 110.0, 1, lambda s: None, clock=clock)
+    trainer.run(range(5), max_epochs=20)
+    assert record["changes"] == [(2, 20, 9)] and trainer.state.epoch == 9 and clock.t == pytest.approx(110.0)
 
 
 def test_training_with_a_budget_stops_at_it(tiny_recipe_path: Path, tiny_data: Path, tmp_path: Path) -> None:

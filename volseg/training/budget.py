@@ -1,14 +1,16 @@
 """Training that keeps to a time budget (``train.time_budget_s``).
 
-A plan made for a time budget sizes its schedule from one measured training step; the real epochs also load and
-augment crops (in a loader process that shares the CPU with the step), validate and write checkpoints, and on a
-shared machine they run slower still. So the trainer measures itself: after every epoch it estimates, at the median
-training time of the epochs so far (the first, which builds the convolution primitives, only while it is the only
-one) and the median validation time, how many epochs the seconds left hold, and when that is fewer than
-``max_epochs`` it lowers ``max_epochs`` to the last one that fits. It never raises it: ``max_epochs`` stays the most
-a run trains, and a machine faster than the plan's measurement ends early. A poly or cosine learning-rate schedule
-is fitted to the new length, so that the rate still decays to its end. The budget counts this process's training
-from the trainer's start: caching before it is not counted, validation is.
+A plan made for a time budget sizes its schedule from one measured training step: ``max_epochs`` is what the
+budget would hold at that bare step. The real epochs also load and augment crops (in a loader process that shares
+the CPU with the step), validate and write checkpoints, and on a shared machine they run slower still. So the
+trainer measures itself: after every epoch it estimates, at the median training time of the epochs so far (the
+first, which builds the convolution primitives, only while it is the only one) and the median validation time, how
+many epochs the seconds left hold, and when that is fewer than ``max_epochs`` it lowers ``max_epochs`` to the last
+one that fits. After the first epoch it acts only when not one more epoch fits: a cut made from the first epoch's
+start-up could not be taken back. It never raises ``max_epochs``: that stays the most a run trains, and a machine
+faster than the plan's measurement ends early. A poly or cosine learning-rate schedule is fitted to the new
+length, so that the rate still decays to its end. The budget counts this process's training from the trainer's
+start: caching before it is not counted, validation is.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ def attach_time_budget(
         elapsed = now - clocks.get("start", now)
         # max_epochs stays the most the run trains: the budget only shortens it
         fitted = min(planned, fit_epochs(budget_s, elapsed, epoch, epoch_s, val_s, val_interval))
+        if epoch == 1 and planned > 2 and fitted > epoch:
+            # the first epoch also builds the convolution primitives and warms the loader: a cut made from it
+            # alone could never be taken back, so only a stop is taken now and a cut waits for a steady epoch
+            fitted = planned
         if agree is not None:
             fitted = int(agree(fitted))
         if fitted == planned:
