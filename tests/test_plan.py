@@ -229,6 +229,9 @@ def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
     assert fine.train.loss.class_weights == {"lesion": P.SMALL_LABEL_LOSS_WEIGHT}
     assert "class_ratios" not in r["train"] and "class_weights" not in r["train"]["loss"]
     assert "lesion" in result.reasons["cascade.class_weights"]
+    # the fine stage chooses the lesion's label bias on its validation cases; the coarse stage does not calibrate
+    assert fine.train.calibrate == ["lesion"] and "calibrate" not in r["train"]
+    assert "label bias" in result.reasons["cascade.calibrate"]
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
     # Each stage's trainer keeps to its share of the budget, less the start-up cost.
     coarse_s = 3600.0 * P.CASCADE_COARSE_SHARE
@@ -248,6 +251,7 @@ def test_small_objects_filling_the_image_keep_one_stage() -> None:
     assert result.recipe["train"]["sampler"] == "class_balanced"
     assert result.recipe["train"]["class_ratios"] == {"lesion": P.SMALL_LABEL_CROP_WEIGHT}
     assert result.recipe["train"]["loss"]["class_weights"] == {"lesion": P.SMALL_LABEL_LOSS_WEIGHT}
+    assert result.recipe["train"]["calibrate"] == ["lesion"] and "label bias" in result.reasons["train.calibrate"]
     # A single object per case gets largest-component filtering; a label with several objects does not.
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
 
@@ -266,8 +270,11 @@ def test_time_budget_sets_the_epochs() -> None:
     short, why = P.determine_schedule(fp, budget_seconds=P.parse_duration("20m"), **kw)
     long, _ = P.determine_schedule(fp, budget_seconds=P.parse_duration("2h"), **kw)
     iters = (1200 * (1 - P.VALIDATION_SHARE) - P.FIXED_SECONDS) / (0.5 * P.LOADING_OVERHEAD)
-    assert short["max_epochs"] * short["iterations_per_epoch"] <= iters
-    assert short["max_epochs"] * short["iterations_per_epoch"] >= iters - short["iterations_per_epoch"]
+    bare = iters * P.LOADING_OVERHEAD  # what the budget holds at the bare step: the most the trainer may train
+    ipe = short["iterations_per_epoch"]
+    assert bare - ipe <= short["max_epochs"] * ipe <= bare
+    assert ipe == int(iters // 20)  # epochs sized so that about 20 remain at the expected step
+    assert "max_epochs" in why and "trainer's budget" in why
     assert long["max_epochs"] * long["iterations_per_epoch"] > 5 * short["max_epochs"] * short["iterations_per_epoch"]
     assert short["iterations_per_epoch"] <= 250 and short["max_epochs"] >= 20
     assert "20 min" in why

@@ -92,8 +92,10 @@ RESTORE_IMAGE_PATH: list[dict[str, Any]] = [
 
 
 def needs_scripts(recipe: Recipe) -> bool:
-    """Whether the bundle's configs name targets in its own scripts/ (a network wrapper, the weight map)."""
-    return NETWORKS[recipe.model.name].needs_scripts or recipe.train.loss.weight_map is not None
+    """Whether the bundle's configs name targets in its own scripts/ (a network wrapper, the weight map, the label
+    bias)."""
+    return (NETWORKS[recipe.model.name].needs_scripts or recipe.train.loss.weight_map is not None
+            or bool(recipe.infer.label_bias))  # fmt: skip
 
 
 # 2D bundles read PNG, TIFF and NIfTI files and write PNG label maps (values 0..K-1, the input's pixel grid).
@@ -623,6 +625,7 @@ COMPONENT_PACKAGES: dict[str, tuple[str, ...]] = {
     "NibabelWriter": ("nibabel",),
     # The bundle's own scripts/ (volseg/bundle_scripts/): the weight map's distance transforms.
     "scripts.weightmap.UNetWeightMapd": ("scipy",),
+    "scripts.labels.BiasedArgmaxd": (),
 }
 
 #: Distributions of the top-level modules that ``$import``/``$from ... import`` expressions name (others: the standard

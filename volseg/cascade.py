@@ -59,6 +59,8 @@ def fine_recipe(recipe: Recipe) -> Recipe:
         t["class_ratios"] = None
     if c.class_weights is not None:
         t["loss"]["class_weights"] = dict(c.class_weights)
+    if c.calibrate is not None:
+        t["calibrate"] = list(c.calibrate)
     if c.max_epochs is not None:
         t["max_epochs"] = c.max_epochs
     for key in ("iterations_per_epoch", "batch_size", "val_interval", "time_budget_s"):
@@ -221,7 +223,11 @@ def check_fine_stage(recipe: Recipe, bundle_dir: Path) -> Path:
     if not (fine_dir / "configs").is_dir():
         raise UserError(f"the recipe has a cascade but {FINE_DIR}/ holds no bundle", bundle_dir)
     got = read_bundle_recipe(fine_dir).model_dump(mode="json")
-    if got != fine_recipe(recipe).model_dump(mode="json"):
+    expected = fine_recipe(recipe).model_dump(mode="json")
+    if recipe.infer.label_bias == {}:
+        # the fine stage's own calibration (train.calibrate) chose its label bias after it was trained
+        expected["infer"]["label_bias"] = got.get("infer", {}).get("label_bias", {})
+    if got != expected:
         raise UserError(f"{FINE_DIR}/configs/volseg_recipe.yaml is not the fine stage of the bundle's recipe",
                         bundle_dir)  # fmt: skip
     return fine_dir

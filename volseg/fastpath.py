@@ -487,6 +487,10 @@ class FastEngine:
         self.engine_notes: list[str] = [drift] if drift else []
         self.notes: list[str] = []
         self.keep = [recipe.data.labels[n].value for n in recipe.infer.postprocess.largest_component]
+        bias = recipe.label_bias_list()
+        #: ``infer.label_bias`` by class (None: a plain argmax). Interpolation is linear, so scaling the model-grid
+        #: probabilities by it before the way back gives the labels of the MONAI chain, which scales after it.
+        self.bias = None if bias is None else torch.tensor(bias, dtype=torch.float32)
         self.plan = "whole"
         self.slab_bytes = 256 * 2**20
         self.force_plan: str | None = None  # "whole" or "slabs" (tests); None: chosen from free GPU memory
@@ -699,9 +703,13 @@ class FastEngine:
             chunk = max(1, min(64, int(2**24 // max(1, n * spatial[0] * spatial[1]))))
             host = torch.device("cpu")
             full_probs = back_to_input(probs, scale, shift, spatial, chunk, True, host).numpy()
-            labels_t = torch.from_numpy(full_probs.argmax(axis=0).astype(np.uint8))
+            scores = full_probs if self.bias is None else full_probs * self.bias.numpy()[:, None, None, None]
+            labels_t = torch.from_numpy(scores.argmax(axis=0).astype(np.uint8))
+            del scores
         else:
             home = torch.device("cpu") if self.plan == "slabs" else None
+            if self.bias is not None:
+                probs = probs * self.bias.to(probs.device).view(-1, *([1] * (probs.ndim - 1)))
             labels_t, box = self._labels_on_input(probs, scale, shift, spatial, home)
         del probs
         out = self._unorient(labels_t.cpu().numpy(), ornt)

@@ -327,6 +327,11 @@ class Train(_Strict):
         "a poly or cosine schedule fitted to it (volseg.training.budget); never raised; None: max_epochs as written",
     )
     early_stopping: EarlyStopping | None = None
+    calibrate: list[str] = Field(
+        default_factory=list,
+        description="labels whose infer.label_bias is chosen after training, on the validation cases with the best "
+        "weights (the bias of those tried with the highest mean Dice per case); [] is none",
+    )
     seed: int = 0
     num_workers: Annotated[int, Field(ge=0)] = 2
     augment: Augment = Augment()
@@ -358,6 +363,11 @@ class Infer(_Strict):
         default="auto",
         description="the network's arithmetic in volseg's fast engine: auto is bfloat16 autocast on CUDA and on CPUs "
         "with native bfloat16 (AVX512-BF16 or AMX), float32 elsewhere; fp32 always (exact, slower)",
+    )
+    label_bias: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="labels come from the argmax of each class's probability times its bias (1 for a label not "
+        "named): a bias above 1 favours a label, as a lower probability threshold would; set by train.calibrate",
     )
     postprocess: Postprocess = Postprocess()
 
@@ -410,6 +420,9 @@ class Cascade(_Strict):
     class_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
         default=None, description="the fine stage's train.loss.class_weights (defaults to train's)"
     )
+    calibrate: list[str] | None = Field(
+        default=None, description="the fine stage's train.calibrate (defaults to train's)"
+    )
 
 
 class Recipe(_Strict):
@@ -460,6 +473,11 @@ class Recipe(_Strict):
             if self.train.loss.weight_map is not None:
                 raise ValueError("train.loss.class_weights and train.loss.weight_map cannot be combined")
             self._check_known("train.loss.class_weights", weights)
+        for key, names in (("infer.label_bias", list(self.infer.label_bias)), ("train.calibrate",
+                                                                              self.train.calibrate)):  # fmt: skip
+            for name in names:
+                if name not in self.data.labels or self.data.labels[name].value == 0:
+                    raise ValueError(f"{key} names '{name}', which is not a foreground label")
         for name in self.infer.postprocess.largest_component:
             if name not in self.data.labels:
                 raise ValueError(f"infer.postprocess.largest_component names unknown label '{name}'")
@@ -499,6 +517,10 @@ class Recipe(_Strict):
         """``train.loss.class_weights`` indexed by label value (None: all alike)."""
         return self._by_value(self.train.loss.class_weights)
 
+    def label_bias_list(self) -> list[float] | None:
+        """``infer.label_bias`` indexed by label value (None: no bias, a plain argmax)."""
+        return self._by_value(self.infer.label_bias) if self.infer.label_bias else None
+
     def class_ratio_list(self) -> list[float] | None:
         """``train.class_ratios`` as the class-balanced crop's ratios, indexed by label value (None: alike)."""
         return self._by_value(self.train.class_ratios)
@@ -512,6 +534,9 @@ class Recipe(_Strict):
             if len(value) != nd:
                 raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
         self._check_known("cascade.class_weights", c.class_weights or {})
+        for name in c.calibrate or []:
+            if name not in self.data.labels or self.data.labels[name].value == 0:
+                raise ValueError(f"cascade.calibrate names '{name}', which is not a foreground label")
         for name in c.roi_labels:
             if name not in self.data.labels or self.data.labels[name].value == 0:
                 raise ValueError(f"cascade.roi_labels names '{name}', which is not a foreground label")

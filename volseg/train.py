@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 
 from volseg.errors import UserError
-from volseg.recipe import Recipe
+from volseg.recipe import Recipe, recipe_from_dict
 from volseg.runtime import distributed_backend, rank_device, resolve_device
 from volseg.training.checkpoint import Checkpointer
 from volseg.training.distributed import average_buffers, record_states
@@ -34,6 +34,7 @@ from volseg.training.run_dir import (
     prepare_run,
     relative_cases,
     split_run_cases,
+    write_run_configs,
     write_run_info,
 )
 from volseg.training.signals import TrainingInterrupted, caught_signals
@@ -108,6 +109,29 @@ def train(
         return read_result(run_dir)
     return _run(recipe, data_root, run_dir, resume=resume, device=device, progress=progress, echo=echo,
                 overrides=overrides)  # fmt: skip
+
+
+def _calibrate(
+    recipe: Recipe, run_dir: Path, engines: Engines, dev: torch.device, train_cases: list[dict[str, str]],
+    val_cases: list[dict[str, str]], base: Path, echo: Callable[[str], None],
+) -> Recipe:  # fmt: skip
+    """``train.calibrate``: the label bias chosen on the validation cases (:mod:`volseg.training.calibrate`),
+    written into the bundle's recipe and configs. Returns the recipe the bundle now holds."""
+    from volseg.training.calibrate import calibrate, validation_cases
+
+    model_pt = run_dir / "models" / "model.pt"
+    if not val_cases or not model_pt.is_file():
+        echo("calibration: no validation ran, so infer.label_bias stays as written")
+        return recipe
+    cases = validation_cases(recipe, engines.evaluator, model_pt, dev)
+    chosen, _ = calibrate(recipe, cases, echo)
+    if chosen == recipe.infer.label_bias:
+        return recipe
+    raw = recipe.model_dump(mode="json")
+    raw["infer"]["label_bias"] = chosen
+    calibrated = recipe_from_dict(raw, recipe.name)
+    write_run_configs(calibrated, run_dir, train_cases, val_cases, base)
+    return calibrated
 
 
 def _spawned(
@@ -266,6 +290,8 @@ def _run(
     )
     if world > 1:
         record_states(engines.network, run_dir, idist)
+    if rank == 0 and recipe.train.calibrate:
+        recipe = _calibrate(recipe, run_dir, engines, dev, train_cases, val_cases, base, echo)
     if rank == 0:
         finish_bundle(recipe, run_dir, result, engines.network, base, len(train_cases), len(val_cases))
         write_result(run_dir, result)

@@ -317,6 +317,9 @@ def infer_preprocessing(recipe: Recipe) -> list[Component]:
 def infer_postprocessing(recipe: Recipe, invert_ref: str = "@preprocessing") -> list[Component]:
     """From logits to labels on the input grid (softmax, invert the preprocessing, argmax, postprocess).
 
+    With ``infer.label_bias`` the argmax is over the probabilities times each class's bias (the bundle's
+    ``scripts/labels.py``).
+
     Probabilities are resampled back (linear), and only then turned into labels, which keeps thin structures.
     """
     chain: list[Component] = [
@@ -329,8 +332,12 @@ def infer_postprocessing(recipe: Recipe, invert_ref: str = "@preprocessing") -> 
             "nearest_interp": False,
             "to_tensor": True,
         },
-        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
     ]
+    bias = recipe.label_bias_list()
+    if bias is None:
+        chain.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
+    else:
+        chain.append({"_target_": "scripts.labels.BiasedArgmaxd", "keys": "pred", "bias": bias})
     keep = [recipe.data.labels[n].value for n in recipe.infer.postprocess.largest_component]
     if keep:
         chain.append(

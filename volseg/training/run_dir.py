@@ -55,6 +55,14 @@ def prepare_run(
     """Check the run folder and the data, split the cases and write the bundle's configs."""
     check_run_dir(run_dir, resume)
     train_cases, val_cases, base = split_run_cases(recipe, data_root)
+    write_run_configs(recipe, run_dir, train_cases, val_cases, base)
+    return train_cases, val_cases, base
+
+
+def write_run_configs(
+    recipe: Recipe, run_dir: Path, train_cases: list[dict[str, str]], val_cases: list[dict[str, str]], base: Path
+) -> None:
+    """The run's bundle configs for ``recipe``, with its case lists."""
     write_bundle_configs(
         recipe,
         run_dir,
@@ -63,7 +71,6 @@ def prepare_run(
         val_cases=relative_cases(val_cases, base),
         data_note=f"{len(train_cases)} training and {len(val_cases)} validation cases from `{base}`.",
     )
-    return train_cases, val_cases, base
 
 
 def git_revision() -> str:
