@@ -426,3 +426,18 @@ def test_fold_bundles_inside_an_ensemble_may_hold_volsegs_scripts_only(tmp_path:
     nets = root / "folds" / "fold_0" / "scripts" / "nets.py"
     nets.write_text(nets.read_text() + "\nprint('hello')\n")
     _refused(root, "folds/fold_0/scripts/nets.py is Python code outside scripts/")
+
+
+def test_a_scripts_module_no_config_names_may_be_missing(tmp_path: Path) -> None:
+    # A bundle written before scripts/labels.py existed (a network that needs scripts/, no label bias) still
+    # passes; once its configs name the module (infer.label_bias), it must be there.
+    raw = _raw(name="unet_plusplus", args={})
+    root = write_bundle_configs(recipe_from_dict(raw), tmp_path / "b")
+    (root / "scripts" / "labels.py").unlink()
+    assert bundle_problem(root) is None
+    (root / "scripts" / "nets.py").unlink()
+    _refused(root, "scripts/nets.py is missing")
+    raw["infer"] = {"label_bias": {"tumour": 2.0}}
+    root = write_bundle_configs(recipe_from_dict(raw), tmp_path / "c")
+    (root / "scripts" / "labels.py").unlink()
+    _refused(root, "scripts/labels.py is missing")
