@@ -57,12 +57,15 @@ def test_biased_labels_is_the_argmax_of_the_scaled_probabilities() -> None:
         ({"infer": {"label_bias": {"spleen": 2.0}}}, "not a foreground label"),
         ({"infer": {"label_bias": {"tumour": 0.0}}}, "greater than 0"),
         ({"train": {"calibrate": ["kidney"]}}, "not a foreground label"),
+        ({"cascade": {"calibrate": ["background"]}}, "cascade.calibrate names 'background'"),
     ],
 )
 def test_bad_bias_and_calibration_labels_are_refused(override: dict[str, Any], message: str) -> None:
     from volseg.errors import UserError
 
     raw = json.loads(json.dumps(TINY_RECIPE))
+    raw["cascade"] = {"spacing": [4.0, 4.0, 4.0], "patch_size": [16, 16, 16]}
+    recipe_from_dict(raw)  # the base is a valid recipe
     for key, value in override.items():
         raw[key].update(value)
     with pytest.raises(UserError, match=message):

@@ -473,8 +473,10 @@ class Recipe(_Strict):
             if self.train.loss.weight_map is not None:
                 raise ValueError("train.loss.class_weights and train.loss.weight_map cannot be combined")
             self._check_known("train.loss.class_weights", weights)
-        for key, names in (("infer.label_bias", list(self.infer.label_bias)), ("train.calibrate",
-                                                                              self.train.calibrate)):  # fmt: skip
+        named = [("infer.label_bias", list(self.infer.label_bias)), ("train.calibrate", self.train.calibrate)]
+        if self.cascade is not None:
+            named.append(("cascade.calibrate", self.cascade.calibrate or []))
+        for key, names in named:
             for name in names:
                 if name not in self.data.labels or self.data.labels[name].value == 0:
                     raise ValueError(f"{key} names '{name}', which is not a foreground label")
@@ -534,9 +536,6 @@ class Recipe(_Strict):
             if len(value) != nd:
                 raise ValueError(f"{key} has {len(value)} values but model.spatial_dims is {nd}")
         self._check_known("cascade.class_weights", c.class_weights or {})
-        for name in c.calibrate or []:
-            if name not in self.data.labels or self.data.labels[name].value == 0:
-                raise ValueError(f"cascade.calibrate names '{name}', which is not a foreground label")
         for name in c.roi_labels:
             if name not in self.data.labels or self.data.labels[name].value == 0:
                 raise ValueError(f"cascade.roi_labels names '{name}', which is not a foreground label")

@@ -63,9 +63,12 @@ def choose_bias(
         if score is None:
             return 1.0, {}
         table[float(b)] = score
-    plain_bias = list(base)
-    plain_bias[value] = 1.0
-    plain = mean_dice(cases, value, plain_bias) or 0.0
+    if 1.0 in table:
+        plain = table[1.0]
+    else:
+        plain_bias = list(base)
+        plain_bias[value] = 1.0
+        plain = mean_dice(cases, value, plain_bias) or 0.0
     best = max(table, key=lambda b: (table[b], -b))  # the smallest bias among the best
     return (best if table[best] > plain + MIN_GAIN else 1.0), table
 
