@@ -56,21 +56,15 @@ def choose_bias(
     """The bias for class ``value`` (the others as in ``base``) and the mean Dice of each tried; 1.0 when no
     validation case holds the label or no bias beats the plain argmax by more than :data:`MIN_GAIN`."""
     table: dict[float, float] = {}
-    for b in grid:
+    for b in dict.fromkeys((1.0, *grid)):  # the plain argmax always among the tries
         bias = list(base)
         bias[value] = float(b)
         score = mean_dice(cases, value, bias)
         if score is None:
             return 1.0, {}
         table[float(b)] = score
-    if 1.0 in table:
-        plain = table[1.0]
-    else:
-        plain_bias = list(base)
-        plain_bias[value] = 1.0
-        plain = mean_dice(cases, value, plain_bias) or 0.0
     best = max(table, key=lambda b: (table[b], -b))  # the smallest bias among the best
-    return (best if table[best] > plain + MIN_GAIN else 1.0), table
+    return (best if table[best] > table[1.0] + MIN_GAIN else 1.0), table
 
 
 def calibrate(
@@ -103,12 +97,9 @@ def validation_cases(recipe: Any, evaluator: Any, model_pt: Any, device: Any) ->
     evaluator's sliding window) and their reference labels."""
     import torch
 
-    from volseg.bundle import inference_config
-    from volseg.nets import build_network
+    from volseg.training.result import saved_network
 
-    net = build_network(inference_config(recipe)["network_def"])
-    net.load_state_dict(torch.load(model_pt, map_location="cpu", weights_only=True))
-    net.to(device).eval()
+    net = saved_network(recipe, model_pt).to(device).eval()
     out: list[Case] = []
     with torch.inference_mode():
         for batch in evaluator.data_loader:

@@ -44,6 +44,16 @@ def read_result(run_dir: Path) -> TrainResult:
     return TrainResult(**data)
 
 
+def saved_network(recipe: Recipe, model_pt: Path) -> torch.nn.Module:
+    """The bundle's inference network with the weights of ``model_pt`` (a plain state dict), on the CPU."""
+    from volseg.bundle import inference_config
+    from volseg.nets import build_network
+
+    net = build_network(inference_config(recipe)["network_def"])
+    net.load_state_dict(torch.load(model_pt, map_location="cpu", weights_only=True))
+    return net
+
+
 def finish_bundle(
     recipe: Recipe,
     run_dir: Path,
@@ -54,17 +64,14 @@ def finish_bundle(
     n_val: int,
 ) -> None:
     """Best weights to models/model.pt (already written by the evaluator) and model.ts; metrics to metadata."""
-    from volseg.bundle import inference_config, run_metrics, update_bundle_metrics
-    from volseg.nets import build_network, export_torchscript
+    from volseg.bundle import run_metrics, update_bundle_metrics
+    from volseg.nets import export_torchscript
 
     model_pt = run_dir / "models" / "model.pt"
     if not model_pt.is_file():  # no validation ran: keep the last weights
         save_torch_atomic(network.state_dict(), model_pt)
     # The saved weights of the evaluator's best epoch, re-read as a plain state dict.
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)
-    net_cfg = inference_config(recipe)["network_def"]
-    net = build_network(net_cfg)
-    net.load_state_dict(state)
+    net = saved_network(recipe, model_pt)
     example = torch.zeros(1, recipe.model.in_channels, *recipe.roi_size)
     ts = export_torchscript(net, example)
     with atomic_path(run_dir / "models" / "model.ts") as tmp:
