@@ -240,6 +240,46 @@ def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
     assert "caching" in result.reasons["train.time_budget_s"] and "cascade.time_budget_s" in result.reasons
 
 
+def test_the_cpu_fit_holds_a_cascade_stages_patch_near_its_coverage_floor() -> None:
+    def measure(patch: list[int], strides: Any, kernels: Any) -> float:
+        return float(np.prod(patch)) / 1e6  # 100^3 voxels: 1 s
+
+    start, sp = [128, 128, 64], [1.0, 1.0, 2.0]
+    budget, its = 600.0, 1000
+    allowed = P._budget_step(budget, its)
+    alone = allowed * 1e6  # the volume the budget alone allows
+    free, *_ = P._fit_cpu_budget(start, sp, 3, budget, measure, its)
+    assert np.prod(free) <= alone
+    # A coverage floor above that volume holds the patch near the floor: a slower step, fewer iterations.
+    held, _, _, step, why = P._fit_cpu_budget(start, sp, 3, budget, measure, its, min_voxels=1.6 * alone)
+    assert 0.6 * 1.6 * alone <= np.prod(held) <= 1.6 * alone and step > allowed
+    assert "fewer iterations instead" in why and "fewer iterations instead" not in P._fit_cpu_budget(
+        start, sp, 3, budget, measure, its)[4]  # fmt: skip
+    # ... but never below half the iterations: a floor far above the budget is capped at twice its volume.
+    capped, _, _, step, _ = P._fit_cpu_budget(start, sp, 3, budget, measure, its, min_voxels=50 * alone)
+    assert np.prod(capped) <= 2 * alone and step <= allowed / P.CASCADE_MIN_ITERATION_SHARE
+
+
+def test_a_slow_cpu_keeps_more_of_a_cascade_stages_patch_and_gives_up_iterations() -> None:
+    fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=_liver_and_lesions(),
+                 foreground_mm=(200.0, 180.0, 200.0))  # fmt: skip
+    div = 2e6
+
+    def slow(model: dict[str, Any], patch: tuple[int, ...], batch: int) -> float:
+        return float(np.prod(patch)) / div
+
+    result = plan(fp, device="cpu", time_budget_s=840.0, step_timer=slow)
+    from volseg.cascade import fine_recipe
+
+    fine = fine_recipe(recipe_from_dict(result.recipe))
+    fine_budget = 840.0 * (1 - P.CASCADE_COARSE_SHARE)
+    alone = P._budget_step(fine_budget, P.FINE_MIN_ITERATIONS) * div  # the patch volume the budget alone allows
+    assert np.prod(fine.train.patch_size) > 1.2 * alone
+    assert "fewer iterations instead" in result.reasons["cascade.patch_size"]
+    iterations = fine.train.max_epochs * fine.train.iterations_per_epoch
+    assert P.CASCADE_MIN_ITERATION_SHARE * P.FINE_MIN_ITERATIONS * 0.8 <= iterations < P.FINE_MIN_ITERATIONS
+
+
 def test_small_objects_filling_the_image_keep_one_stage() -> None:
     # The labelled box is the whole image: a crop saves nothing, the small objects are flagged, one stage.
     fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=_liver_and_lesions())
