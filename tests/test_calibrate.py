@@ -138,3 +138,33 @@ def test_training_calibrates_and_the_bundle_holds_the_bias(tiny_data: Path, tmp_
     chain = Predictor.from_bundle(run, "cpu", "monai").predict(src).labels  # the trust check passes
     fast = Predictor.from_bundle(run, "cpu", precision="fp32").predict(src).labels
     assert chain.shape == fast.shape and (chain == fast).mean() > 0.99
+
+
+def test_the_calibration_segments_the_validation_cases_as_the_bundle_will(monkeypatch) -> None:
+    """With infer.tta_flips the validation probabilities are those of the mirrored network (logits averaged), so
+    the bias is chosen for the inference the bundle runs."""
+    from types import SimpleNamespace
+
+    from volseg.training import result
+
+    class Ramp(torch.nn.Module):  # logits that depend on the position along axis 0: mirroring changes them
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ramp = torch.linspace(0.0, 3.0, x.shape[2]).view(1, 1, -1, 1, 1).expand_as(x)
+            return torch.cat([x, x + ramp], dim=1)
+
+    monkeypatch.setattr(result, "saved_network", lambda recipe, model_pt: Ramp())
+    image = torch.zeros(1, 1, 8, 4, 4)
+    evaluator = SimpleNamespace(
+        data_loader=[{"image": image, "label": torch.zeros(1, 1, 8, 4, 4)}], inferer=lambda x, net: net(x)
+    )
+
+    def probs(flips: list[int]) -> np.ndarray:
+        raw = json.loads(json.dumps(TINY_RECIPE))
+        raw["data"]["labels"] = {"background": {"value": 0}, "organ": {"value": 1}}
+        raw["infer"] = {"tta_flips": flips}
+        return C.validation_cases(recipe_from_dict(raw), evaluator, None, "cpu")[0][0]
+
+    plain, mirrored = probs([]), probs([0])
+    assert plain[1, 0].max() < 0.51 and plain[1, -1].min() > 0.95  # the ramp: 0 at one end, 3 at the other
+    expected = float(torch.sigmoid(torch.tensor(1.5)))  # the mean of the ramp and its mirror image is 1.5 everywhere
+    assert mirrored[1] == pytest.approx(np.full((8, 4, 4), expected), abs=1e-5)

@@ -233,6 +233,8 @@ def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
     assert fine.train.calibrate == ["lesion"] and "calibrate" not in r["train"]
     assert "label bias" in result.reasons["cascade.calibrate"]
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
+    flips = r["train"]["augment"].get("flip_axes", [0, 1, 2]) if r["train"]["augment"]["flip"] else []
+    assert r["infer"]["tta_flips"] == flips and "infer.tta_flips" in result.reasons
     # Each stage's trainer keeps to its share of the budget, less the start-up cost.
     coarse_s = 3600.0 * P.CASCADE_COARSE_SHARE
     assert r["train"]["time_budget_s"] == pytest.approx(coarse_s - P.FIXED_SECONDS)
@@ -658,9 +660,14 @@ def test_mirroring_skips_axes_where_a_label_is_always_on_one_side() -> None:
     aug, why = determine_augmentation(_sided_fp(centres), [1.0, 1.0, 1.0], [64, 64, 64])
     assert aug["flip_axes"] == [1] and aug["flip"] == 0.5
     assert "left-right" in why and "superior-inferior" in why and "organ" in why
+    # Test-time mirroring along the axes training mirrors (nnU-Net's), and none without mirrored training.
+    assert P.determine_test_mirroring(aug, 3)[0] == [1]
+    assert P.determine_test_mirroring({"flip": 0.5}, 3)[0] == [0, 1, 2]
     # Every axis one-sided: no mirroring at all.
     aug, _ = determine_augmentation(_sided_fp([[0.7, 0.3, 0.8]] * 5), [1.0, 1.0, 1.0], [64, 64, 64])
     assert aug["flip"] == 0.0 and aug["flip_axes"] == []
+    mirror, why = P.determine_test_mirroring(aug, 3)
+    assert mirror == [] and "does not mirror" in why
 
 
 def test_mirroring_kept_for_centred_labels_few_cases_and_old_fingerprints() -> None:

@@ -855,6 +855,15 @@ def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: s
         f"- Sliding window {list(recipe.roi_size)}, overlap {recipe.infer.overlap}, {recipe.infer.blend} blending; "
         "predictions are resampled back to the input grid.",
         *(
+            [
+                f"- Test-time mirroring along axes {list(recipe.infer.tta_flips)} of the model grid "
+                f"({2 ** len(recipe.infer.tta_flips)} passes, logits averaged) in `volseg infer`; `monai.bundle run` "
+                "makes one pass.",
+            ]
+            if recipe.infer.tta_flips
+            else []
+        ),
+        *(
             []
             if recipe.cascade is None
             else [

@@ -6,8 +6,9 @@ chooses its post-processing from validation results; volseg does the same for th
 ``train.calibrate`` it tries the biases of :data:`BIAS_GRID` (the label's probability is multiplied by the bias
 before the argmax, ``infer.label_bias``) and keeps the one with the highest mean Dice per validation case when it
 beats no bias (by more than :data:`MIN_GAIN`; else 1: no change), as nnU-Net keeps a post-processing step that
-improves its validation Dice. The validation cases are those the run validated on,
-on the model grid, so the choice costs one more validation pass.
+improves its validation Dice. The validation cases are those the run validated on, on the model grid and with the
+recipe's test-time mirroring (as the bundle will segment), so the choice costs one more validation pass (2^k with
+mirroring along k axes).
 """
 
 from __future__ import annotations
@@ -94,17 +95,19 @@ def calibrate(
 
 def validation_cases(recipe: Any, evaluator: Any, model_pt: Any, device: Any) -> list[Case]:
     """The validation cases' probabilities on the model grid (float32, the weights of ``model_pt``, the
-    evaluator's sliding window) and their reference labels."""
+    evaluator's sliding window, the recipe's test-time mirroring) and their reference labels."""
     import torch
 
+    from volseg.fastpath import mirrored
     from volseg.training.result import saved_network
 
     net = saved_network(recipe, model_pt).to(device).eval()
+    predictor = mirrored(net, tuple(recipe.infer.tta_flips))  # as the bundle will segment
     out: list[Case] = []
     with torch.inference_mode():
         for batch in evaluator.data_loader:
             x = batch["image"].to(device)
-            logits = evaluator.inferer(x, net)
+            logits = evaluator.inferer(x, predictor)
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
             ref = batch["label"].cpu().numpy()
             for i in range(probs.shape[0]):
