@@ -138,3 +138,15 @@ def test_select_on_two_fold_runs(tiny_data: Path, tiny_recipe_path: Path, tmp_pa
     again = capsys.readouterr().out
     assert "predicts" not in again
     assert stamp == {p: p.stat().st_mtime_ns for p in (runs[0] / "cv").rglob("*.npz")}
+
+
+def test_the_mirrored_configuration_flips_the_axes_training_mirrored() -> None:
+    from helpers import TINY_RECIPE
+
+    from volseg.recipe import recipe_from_dict
+    from volseg.select import mirror_axes
+
+    raw = json.loads(json.dumps(TINY_RECIPE))
+    assert mirror_axes(recipe_from_dict(raw)) == [0, 1, 2]  # trained without mirroring: every axis, for the table
+    raw["train"]["augment"].update(flip=0.5, flip_axes=[1])
+    assert mirror_axes(recipe_from_dict(raw)) == [1]  # the liver lies on one side: only the axis training flipped

@@ -1,7 +1,8 @@
 """``volseg select``: inference settings chosen by cross-validation, as nnU-Net's ``find_best_configuration``.
 
 For each fold run (``volseg train --folds K``), every fold model predicts its own validation cases (the
-out-of-fold predictions), once without and once with test-time mirroring along every spatial axis. The class
+out-of-fold predictions), once without and once with test-time mirroring (along the axes training mirrored; every
+spatial axis when it did not mirror). The class
 probabilities are saved under ``RUN/cv/<plain|mirror>/<case>.npz`` with the fold weights' digest, so they are
 computed once and recomputed only when a fold is retrained. From them:
 
@@ -170,6 +171,13 @@ def _stored(path: Path, digest: str) -> bool:
         return False
 
 
+def mirror_axes(recipe: Any) -> list[int]:
+    """The axes the mirrored configuration flips: those training mirrored, every axis when it did not mirror
+    (mirrored along an axis it never saw flipped, a model can only lose; the table then shows it)."""
+    nd = recipe.model.spatial_dims
+    return recipe.train.augment.flipped_axes(nd) or list(range(nd))
+
+
 def mirroring_supported(recipe: Any) -> bool:
     """Whether the fold models can be run mirrored here: by the fast engine, which takes ``infer.*`` overrides."""
     from volseg.fastpath import unsupported_reason
@@ -207,12 +215,12 @@ def out_of_fold(run: FoldRun, mirror: bool, device: str, echo: Callable[[str], N
 
     from volseg.fileio import atomic_path
 
-    flips = tuple(range(run.recipe.model.spatial_dims)) if mirror else ()
+    flips = tuple(mirror_axes(run.recipe)) if mirror else ()
     folder = run.path / CV_DIR / ("mirror" if mirror else "plain")
     files: dict[str, Path] = {}
     for k, cases in enumerate(run.validation):
         fold_dir = run.path / "folds" / f"fold_{k}"
-        digest = _digest(fold_dir / "models" / "model.pt")
+        digest = f"{_digest(fold_dir / 'models' / 'model.pt')} flips {list(flips)}"  # weights and mirroring
         todo = [c for c in cases if not _stored(folder / f"{_case_name(c)}.npz", digest)]
         files.update({_case_name(c): folder / f"{_case_name(c)}.npz" for c in cases})
         if not todo:
@@ -392,7 +400,7 @@ def write_choice(selection: Selection, echo: Callable[[str], None] = print) -> P
 
     run = selection.chosen.members[0]
     raw = run.recipe.model_dump(mode="json")
-    raw["infer"]["tta_flips"] = list(range(run.recipe.model.spatial_dims)) if selection.chosen.mirror else []
+    raw["infer"]["tta_flips"] = mirror_axes(run.recipe) if selection.chosen.mirror else []
     raw["infer"]["postprocess"]["largest_component"] = list(selection.largest_component)
     recipe = recipe_from_dict(raw, str(run.path / RECIPE_FILE))
     meta_file = run.path / "configs" / "metadata.json"
