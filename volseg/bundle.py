@@ -91,11 +91,21 @@ RESTORE_IMAGE_PATH: list[dict[str, Any]] = [
 ]
 
 
-def needs_scripts(recipe: Recipe) -> bool:
+def needs_scripts(recipe: Recipe, chain_mirroring: bool = True) -> bool:
     """Whether the bundle's configs name targets in its own scripts/ (a network wrapper, the weight map, the label
-    bias)."""
+    bias, test-time mirroring)."""
     return (NETWORKS[recipe.model.name].needs_scripts or recipe.train.loss.weight_map is not None
-            or bool(recipe.infer.label_bias))  # fmt: skip
+            or bool(recipe.infer.label_bias) or chain_mirroring and bool(recipe.infer.tta_flips))  # fmt: skip
+
+
+def inference_inferer(recipe: Recipe, chain_mirroring: bool = True) -> dict[str, Any]:
+    """The inference chain's inferer: the sliding window, inside scripts/inferers.py's ``MirroredInferer`` when
+    the recipe mirrors at test time (``chain_mirroring`` False: the sliding window alone, as bundles written before
+    the chain mirrored have it)."""
+    window = T.sliding_window(recipe)
+    if not (chain_mirroring and recipe.infer.tta_flips):
+        return window
+    return {"_target_": "scripts.inferers.MirroredInferer", "inferer": window, "axes": list(recipe.infer.tta_flips)}
 
 
 # 2D bundles read PNG, TIFF and NIfTI files and write PNG label maps (values 0..K-1, the input's pixel grid).
@@ -111,10 +121,14 @@ def inference_preprocessing(recipe: Recipe) -> list[dict[str, Any]]:
     return STASH_IMAGE_PATH + T.infer_preprocessing(recipe)
 
 
-def inference_config(recipe: Recipe, dataset_dir: str = "/workspace/data") -> dict[str, Any]:
+def inference_config(
+    recipe: Recipe, dataset_dir: str = "/workspace/data", chain_mirroring: bool = True
+) -> dict[str, Any]:
     """configs/inference.json: segments every NIfTI (2D: also PNG and TIFF) in ``dataset_dir`` into ``output_dir``.
 
-    3D predictions are written as NIfTI; 2D ones as 8-bit PNG label maps on the input's pixel grid.
+    3D predictions are written as NIfTI; 2D ones as 8-bit PNG label maps on the input's pixel grid. With
+    ``infer.tta_flips`` the chain mirrors at test time (``chain_mirroring`` False: the form of bundles written before
+    it did, which :mod:`volseg.trust` still accepts).
     """
     spec = NETWORKS[recipe.model.name]
     two_d = recipe.model.spatial_dims == 2
@@ -160,7 +174,7 @@ def inference_config(recipe: Recipe, dataset_dir: str = "/workspace/data") -> di
             "shuffle": False,
             "num_workers": 0,
         },
-        "inferer": T.sliding_window(recipe),
+        "inferer": inference_inferer(recipe, chain_mirroring),
         "postprocessing": _compose(post),
         "handlers": [
             {
@@ -626,6 +640,7 @@ COMPONENT_PACKAGES: dict[str, tuple[str, ...]] = {
     # The bundle's own scripts/ (volseg/bundle_scripts/): the weight map's distance transforms.
     "scripts.weightmap.UNetWeightMapd": ("scipy",),
     "scripts.labels.BiasedArgmaxd": (),
+    "scripts.inferers.MirroredInferer": (),
 }
 
 #: Distributions of the top-level modules that ``$import``/``$from ... import`` expressions name (others: the standard
@@ -857,8 +872,7 @@ def bundle_readme(recipe: Recipe, metrics: dict[str, float] | None, data_note: s
         *(
             [
                 f"- Test-time mirroring along axes {list(recipe.infer.tta_flips)} of the model grid "
-                f"({2 ** len(recipe.infer.tta_flips)} passes, logits averaged) in `volseg infer`; `monai.bundle run` "
-                "makes one pass.",
+                f"({2 ** len(recipe.infer.tta_flips)} passes per window, logits averaged; `scripts/inferers.py`).",
             ]
             if recipe.infer.tta_flips
             else []
@@ -926,16 +940,18 @@ def bundle_files(
     val_cases: list[dict[str, str]] | None = None,
     metrics: dict[str, float] | None = None,
     data_note: str = "",
+    chain_mirroring: bool = True,
 ) -> dict[str, str]:
     """Every text file volseg writes into a bundle for ``recipe`` (relative path -> content), scripts/ included.
 
     This is the one generator: :func:`write_bundle_configs` writes its result and :mod:`volseg.trust` compares a
-    bundle against it.
+    bundle against it (and against its form without the chain's mirroring, ``chain_mirroring`` False, for bundles
+    written before the chain mirrored).
     """
     ddir = dataset_dir or "/workspace/data"
     files = {
         "configs/metadata.json": _json_text(metadata(recipe, metrics, data_note)),
-        "configs/inference.json": _json_text(inference_config(recipe)),
+        "configs/inference.json": _json_text(inference_config(recipe, chain_mirroring=chain_mirroring)),
         "configs/train.json": _json_text(train_config(recipe, ddir, train_cases, val_cases)),
         "configs/multi_gpu_train.json": _json_text(multi_gpu_train_config(recipe)),
         "configs/logging.conf": LOGGING_CONF,
@@ -943,7 +959,7 @@ def bundle_files(
         "docs/README.md": bundle_readme(recipe, metrics, data_note),
         "LICENSE": LICENSE_TEXT.format(authors=recipe.authors),
     }
-    if needs_scripts(recipe):
+    if needs_scripts(recipe, chain_mirroring):
         # Every module, so that one `scripts` package imported in a process serves whichever bundle comes next.
         for src in sorted(SCRIPTS_SOURCE.glob("*.py")):
             files[f"scripts/{src.name}"] = src.read_text(encoding="utf-8")

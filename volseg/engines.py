@@ -181,6 +181,8 @@ class MonaiEngine:
 
         data, notes = self._preprocess(image)
         flips = self.recipe.infer.tta_flips if self.recipe is not None else ()
+        if type(self.inferer).__name__ == "MirroredInferer":
+            flips = ()  # the chain mirrors itself (scripts/inferers.py); older bundles' chains do not
         with torch.inference_mode():
             logits = self.inferer(data["image"].unsqueeze(0).to(self.device), mirrored(self.network, flips))
         data["pred"] = logits[0].cpu() if isinstance(logits, torch.Tensor) else logits[-1][0].cpu()

@@ -171,7 +171,7 @@ def _run_record(rel: str, actual: Any) -> dict[str, Any]:
 
 def _verified_configs(root: Path) -> dict[str, Any]:
     """Compare the bundle with volseg's files for its recipe; return its parsed JSON configs, or raise _Mismatch."""
-    from volseg.bundle import CONFIG_FILES, RECIPE_FILE, bundle_files, read_bundle_recipe
+    from volseg.bundle import RECIPE_FILE, read_bundle_recipe
 
     present, caches = _bundle_tree(root)
     if RECIPE_FILE not in present:
@@ -180,7 +180,26 @@ def _verified_configs(root: Path) -> dict[str, Any]:
         recipe = read_bundle_recipe(root)
     except UserError as err:
         raise _Mismatch(f"{RECIPE_FILE}: {err.message}") from None
-    expected = {rel: text for rel, text in bundle_files(recipe).items() if rel.startswith(("configs/", "scripts/"))}
+    try:
+        return _verified_against(root, recipe, present, caches, chain_mirroring=True)
+    except _Mismatch as mismatch:
+        if not recipe.infer.tta_flips:
+            raise
+        first = mismatch
+    try:  # written before the chain mirrored (volseg's engines then mirror for it)
+        return _verified_against(root, recipe, present, caches, chain_mirroring=False)
+    except _Mismatch:
+        raise first from None
+
+
+def _verified_against(
+    root: Path, recipe: Any, present: set[str], caches: list[Path], chain_mirroring: bool
+) -> dict[str, Any]:
+    """:func:`_verified_configs` against one form of volseg's files for the recipe."""
+    from volseg.bundle import CONFIG_FILES, RECIPE_FILE, bundle_files
+
+    files = bundle_files(recipe, chain_mirroring=chain_mirroring)
+    expected = {rel: text for rel, text in files.items() if rel.startswith(("configs/", "scripts/"))}
     extra = sorted(present - set(expected) - LEGACY_FILES)
     if extra:
         raise _Mismatch(f"{extra[0]} is not a file volseg writes")
