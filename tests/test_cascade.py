@@ -249,6 +249,29 @@ def test_a_cascade_trains_into_one_bundle_and_infer_runs_both_stages(cascade_run
         predictor.predict(src, probabilities=True)
 
 
+def test_the_monai_chain_runs_both_stages_of_a_cascade(cascade_run, tmp_path):
+    """With --engine monai each stage is its bundle's own chain; the fine one segments the crop it is given, not
+    the file the crop came from."""
+    from helpers import save_nifti
+
+    from volseg.cascade import CascadeEngine
+    from volseg.data.synth import liver_ct_phantom
+    from volseg.engines import MonaiEngine
+    from volseg.imageio import read_image
+    from volseg.infer import Predictor
+
+    predictor = Predictor.from_bundle(cascade_run, "cpu", "monai")
+    assert isinstance(predictor.engine, CascadeEngine) and isinstance(predictor.engine.fine, MonaiEngine)
+    ph = liver_ct_phantom(21, shape=(48, 40, 24), axcodes="LPS")
+    src = save_nifti(tmp_path / "ct.nii.gz", ph.image, ph.affine)
+    image = read_image(src)
+    box = (slice(6, 38), slice(4, 30), slice(2, 20))
+    crop = read_image(src)
+    crop.array, crop.affine = np.ascontiguousarray(image.array[box]), box_affine(image.affine, box)
+    assert predictor.engine.fine.segment(crop).labels.shape == (32, 26, 18)
+    assert predictor.predict(src).labels.shape == ph.image.shape
+
+
 def yaml_load(path):
     import yaml
 

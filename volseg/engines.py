@@ -134,12 +134,15 @@ class MonaiEngine:
     def _preprocess(self, source: Image | Path) -> tuple[dict[str, Any], list[str]]:
         """The preprocessed data dict and the notes: from the image read by volseg, after the chain's loader; or
         from the file by the bundle's loader."""
-        from monai.transforms import Compose, LoadImaged
+        from monai.transforms import Compose, CopyItemsd, DeleteItemsd, LoadImaged
 
         from volseg.monai_compat import preprocess
 
         steps = list(self.preprocessing.transforms)
-        if not isinstance(source, Path) and not (steps and isinstance(steps[0], LoadImaged)) and source.path.is_file():
+        loader = next((i for i, t in enumerate(steps) if isinstance(t, LoadImaged)), None)
+        # Before its loader a volseg chain only moves MONAI Label's image_path key aside (STASH_IMAGE_PATH).
+        own_start = loader is not None and all(isinstance(t, (CopyItemsd, DeleteItemsd)) for t in steps[:loader])
+        if not isinstance(source, Path) and not own_start and source.path.is_file():
             # A chain that does something before (or instead of) loading, e.g. a trusted bundle from elsewhere:
             # run it whole, from the file, as `monai.bundle run` would.
             source = source.path
