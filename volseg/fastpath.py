@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from volseg.bundle_scripts.mirroring import mirrored  # noqa: F401 - the engines' test-time mirroring
 from volseg.data.validate import replace_non_finite
 from volseg.engines import Segmentation
 from volseg.errors import UserError
@@ -260,32 +261,6 @@ def sliding_window(
     if any(pads):
         out = out[(slice(None), slice(None), *(slice(p // 2, p // 2 + n) for p, n in zip(pads, spatial, strict=True)))]
     return out
-
-
-def mirrored(predictor: Any, axes: tuple[int, ...]) -> Any:
-    """Test-time mirroring as nnU-Net does it: ``predictor`` on the batch flipped along every combination of the
-    spatial ``axes`` (none included, so 2^k passes), each output flipped back, logits averaged in float32.
-
-    The result is a predictor of the same kind (batch (B, C, *spatial) in, logits out); with no axes, ``predictor``.
-    """
-    from itertools import combinations
-
-    if not axes:
-        return predictor
-    combos = [tuple(2 + a for a in c) for r in range(len(axes) + 1) for c in combinations(axes, r)]
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for dims in combos:
-            y = predictor(torch.flip(x, dims) if dims else x)
-            if isinstance(y, (tuple, list)):
-                y = y[-1]
-            y = torch.flip(y.float(), dims) if dims else y.float()
-            total = y if total is None else total + y
-        assert total is not None
-        return total / len(combos)
-
-    return run
 
 
 def downsample(x: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:

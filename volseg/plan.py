@@ -964,9 +964,11 @@ def _one_sided_axes(fp: Fingerprint) -> dict[int, str]:
 
 def determine_test_mirroring(aug: dict[str, Any], nd: int) -> tuple[list[int], Reason]:
     """nnU-Net's test-time mirroring, along the axes that training mirrors (none when it does not)."""
-    if not aug.get("flip"):
+    from volseg.recipe import Augment
+
+    axes = Augment.model_validate(aug).flipped_axes(nd)
+    if not axes:
         return [], "no test-time mirroring: training does not mirror"
-    axes = list(aug.get("flip_axes", range(nd)))
     return axes, (
         f"test-time mirroring along the axes training mirrors ({axes}), as nnU-Net does: the logits of "
         f"{2 ** len(axes)} passes averaged ({2 ** len(axes)}x the inference time; "
