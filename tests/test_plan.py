@@ -232,6 +232,9 @@ def test_small_objects_in_a_small_region_plan_a_cascade() -> None:
     # the fine stage chooses the lesion's label bias on its validation cases; the coarse stage does not calibrate
     assert fine.train.calibrate == ["lesion"] and "calibrate" not in r["train"]
     assert "label bias" in result.reasons["cascade.calibrate"]
+    # both stages keep their final weights (nnU-Net's checkpoint_final), not the noisy best validation epoch
+    assert r["train"]["weights"] == "final" and fine.train.weights == "final"
+    assert "final" in result.reasons["train.weights"]
     assert result.recipe["infer"]["postprocess"]["largest_component"] == ["liver"]
     flips = r["train"]["augment"].get("flip_axes", [0, 1, 2]) if r["train"]["augment"]["flip"] else []
     assert r["infer"]["tta_flips"] == flips and "infer.tta_flips" in result.reasons

@@ -143,3 +143,30 @@ def test_cpu_autocast_covers_training_iterations_only() -> None:
     assert torch.is_autocast_enabled("cpu")  # left on by the interrupted iteration, until the run's closer
     leave()
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_final_weights_are_what_the_bundle_keeps(tiny_recipe_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """``train.weights: final``: models/model.pt (and the calibration, TorchScript) are the weights of the last
+    iteration, saved by a CheckpointSaver on the trainer that the MONAI bundle's train.json carries too."""
+    import json
+
+    from volseg.train import train
+
+    recipe = load_recipe(tiny_recipe_path, ["train.max_epochs=3", "train.weights=final"])
+    cfg = train_config(recipe, str(tmp_path), [], [])
+    savers = [h for h in cfg["train"]["handlers"] if h["_target_"] == "CheckpointSaver"]
+    assert savers and savers[0]["save_final"] and savers[0]["final_filename"] == "model.pt"
+    assert not [h for h in cfg["validate"]["handlers"] if h["_target_"] == "CheckpointSaver"]
+    best = load_recipe(tiny_recipe_path, ["train.max_epochs=3"])
+    assert [h for h in train_config(best, str(tmp_path), [], [])["validate"]["handlers"]
+            if h["_target_"] == "CheckpointSaver" and h.get("save_key_metric")]  # fmt: skip
+
+    run = tmp_path / "final"
+    result = train(recipe, tiny_data, run, echo=lambda s: None, progress=False)
+    assert result.epochs == 3
+    kept = torch.load(run / "models" / "model.pt", map_location="cpu", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["network"]
+    assert kept.keys() == last.keys()
+    assert all(torch.equal(kept[k], last[k]) for k in kept)
+    note = json.loads((run / "configs" / "metadata.json").read_text())
+    assert "final weights" in json.dumps(note)

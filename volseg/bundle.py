@@ -349,9 +349,13 @@ def _handlers(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     val_handlers: list[dict[str, Any]] = [
         {"_target_": "StatsHandler", "iteration_log": False},
         {"_target_": "TensorBoardStatsHandler", "log_dir": "@log_dir", "iteration_log": False},
-        {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
-         "save_key_metric": True, "key_metric_filename": "model.pt"},
-    ]  # fmt: skip
+    ]
+    saver: dict[str, Any] = {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"}}
+    if recipe.train.weights == "final":
+        # the weights when the trainer completes (or stops), as nnU-Net's checkpoint_final
+        train_handlers.append({**saver, "save_final": True, "final_filename": "model.pt"})
+    else:
+        val_handlers.append({**saver, "save_key_metric": True, "key_metric_filename": "model.pt"})
     if _scheduler(recipe) is not None:
         if recipe.train.scheduler.name == "plateau":
             step = f"$lambda engine: engine.state.metrics['{KEY_METRIC}']"

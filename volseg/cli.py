@@ -136,6 +136,7 @@ def train(
     _echo(
         f"done: {result.epochs} epochs in {result.seconds:.0f} s; best mean Dice {result.best_mean_dice:.4f} "
         f"(epoch {result.best_epoch}); last validation Dice {dice}"
+        + ("; the bundle keeps the final weights" if recipe.train.weights == "final" else "")
     )
     _echo(f"bundle: {result.run_dir}")
 

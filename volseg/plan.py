@@ -1432,6 +1432,7 @@ def _train_section(stage: _Stage, device: str) -> tuple[dict[str, Any], dict[str
         "amp": True,
         "num_workers": 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1)),
         "augment": stage.aug,
+        "weights": "final",
     }
     if stage.budget_s is not None:
         train["time_budget_s"] = _trainer_budget(stage.budget_s)
@@ -1459,6 +1460,10 @@ def _train_section(stage: _Stage, device: str) -> tuple[dict[str, Any], dict[str
         if device == "cpu"
         else "loader processes for the GPU",
         "train.augment": stage.why["augment"],
+        "train.weights": "the final weights, as nnU-Net predicts with its final checkpoint: the poly schedule ends at "
+        "a learning rate of 0, while the best epoch by the mean Dice of a few validation cases is a noisy pick (on "
+        "the demo's phantoms one fine stage's best came at epoch 6 of 18, its validation liver Dice 0.920 there and "
+        "0.951 at the end)",
         "train.time_budget_s": _trainer_budget_why(stage),
         "train.calibrate": _calibrate_why(small),
     }

@@ -329,8 +329,14 @@ class Train(_Strict):
     early_stopping: EarlyStopping | None = None
     calibrate: list[str] = Field(
         default_factory=list,
-        description="labels whose infer.label_bias is chosen after training, on the validation cases with the best "
-        "weights (the bias of those tried with the highest mean Dice per case); [] is none",
+        description="labels whose infer.label_bias is chosen after training, on the validation cases with the kept "
+        "weights (train.weights) (the bias of those tried with the highest mean Dice per case); [] is none",
+    )
+    weights: Literal["best", "final"] = Field(
+        default="best",
+        description="the weights the bundle keeps (models/model.pt): those of the epoch with the best mean "
+        "validation Dice, or the final ones (nnU-Net's checkpoint_final, what it predicts with by default); the "
+        "calibration and the exported TorchScript use the same",
     )
     seed: int = 0
     num_workers: Annotated[int, Field(ge=0)] = 2

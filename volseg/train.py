@@ -3,7 +3,8 @@
 The trainer and evaluator are instantiated from ``configs/train.json`` of the run directory (a MONAI bundle)
 with MONAI's config parser. volseg then adds what a long run needs around them: a resumable last checkpoint
 written atomically every epoch, early stopping, a progress bar and a one-line summary per epoch. At the end the
-best weights become ``models/model.pt`` and ``models/model.ts`` and the metrics go into the bundle's metadata.
+best (or, with ``train.weights: final``, the final) weights become ``models/model.pt`` and ``models/model.ts`` and
+the metrics go into the bundle's metadata.
 
 This module puts the parts in :mod:`volseg.training` together (run folder, engines, metrics, checkpoint,
 signals, result) and launches one process or several.

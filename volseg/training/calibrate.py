@@ -1,4 +1,4 @@
-"""The label bias of ``train.calibrate``: chosen after training, on the validation cases, with the best weights.
+"""The label bias of ``train.calibrate``: chosen after training, on the validation cases, with the kept weights.
 
 A network trained for a short while on a small structure (a lesion) tends to give it probabilities below one half
 at its edges and in its smaller objects: the argmax then under-segments it, with few false positives. nnU-Net

@@ -63,14 +63,15 @@ def finish_bundle(
     n_train: int,
     n_val: int,
 ) -> None:
-    """Best weights to models/model.pt (already written by the evaluator) and model.ts; metrics to metadata."""
+    """The kept weights (models/model.pt, already written by the checkpoint handler: the best epoch's or the final
+    ones, ``train.weights``) to model.ts; metrics to metadata."""
     from volseg.bundle import run_metrics, update_bundle_metrics
     from volseg.nets import export_torchscript
 
     model_pt = run_dir / "models" / "model.pt"
     if not model_pt.is_file():  # no validation ran: keep the last weights
         save_torch_atomic(network.state_dict(), model_pt)
-    # The saved weights of the evaluator's best epoch, re-read as a plain state dict.
+    # The saved weights (best epoch or final), re-read as a plain state dict.
     net = saved_network(recipe, model_pt)
     example = torch.zeros(1, recipe.model.in_channels, *recipe.roi_size)
     ts = export_torchscript(net, example)
@@ -81,6 +82,7 @@ def finish_bundle(
     metrics = run_metrics(result.best_mean_dice, result.per_label_dice, result.per_label_iou, result.surface)
     note = (
         f"Trained with volseg {__version__} on {n_train} cases from `{base}` and validated on {n_val}; "
-        f"{result.epochs} epochs, best mean validation Dice {result.best_mean_dice:.4f} at epoch {result.best_epoch}."
+        f"{result.epochs} epochs, best mean validation Dice {result.best_mean_dice:.4f} at epoch {result.best_epoch}"
+        + ("; the bundle holds the final weights (train.weights: final)." if recipe.train.weights == "final" else ".")
     )
     update_bundle_metrics(recipe, run_dir, metrics, note)
