@@ -265,6 +265,39 @@ def test_the_cpu_fit_holds_a_cascade_stages_patch_near_its_coverage_floor() -> N
     assert np.prod(capped) <= 2 * alone and step <= allowed / P.CASCADE_MIN_ITERATION_SHARE
 
 
+def test_the_cpu_fit_caps_a_patch_at_max_voxels_and_spends_the_budget_on_iterations() -> None:
+    def measure(patch: list[int], strides: Any, kernels: Any) -> float:
+        return float(np.prod(patch)) / 1e8  # a fast machine: the budget alone would keep the whole patch
+
+    start, sp = [128, 128, 64], [1.0, 1.0, 2.0]
+    free, *_ = P._fit_cpu_budget(start, sp, 3, 600.0, measure, 1000, min_voxels=0.4 * np.prod(start))
+    assert free == start
+    cap = 0.45 * float(np.prod(start))
+    capped, _, _, step, why = P._fit_cpu_budget(
+        start, sp, 3, 600.0, measure, 1000, min_voxels=0.4 * np.prod(start), max_voxels=cap
+    )
+    assert 0.5 * cap <= np.prod(capped) <= cap and step < P._budget_step(600.0, 1000)
+    assert "at most 45%" in why
+
+
+def test_a_fast_cpu_caps_a_small_label_fine_stage_at_its_crop_coverage() -> None:
+    fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=_liver_and_lesions(),
+                 foreground_mm=(100.0, 90.0, 100.0))  # fmt: skip
+
+    def fast(model: dict[str, Any], patch: tuple[int, ...], batch: int) -> float:
+        return float(np.prod(patch)) / 1e9
+
+    result = plan(fp, device="cpu", time_budget_s=3600.0, step_timer=fast)
+    r = result.recipe
+    target = result.decisions["cascade"]["fine_spacing"]
+    crop = [(f + 2 * P.CASCADE_MARGIN_MM) / t for f, t in zip((100.0, 90.0, 100.0), target, strict=True)]
+    coverage = np.prod(np.minimum(r["cascade"]["patch_size"], crop)) / np.prod(crop)
+    assert coverage <= P.FINE_MAX_COVERAGE + 0.02
+    assert "at most 45% of its median crop" in result.reasons["cascade.patch_size"]
+    # the coarse stage (no small objects to choose crops for) is not capped
+    assert "median crop" not in result.reasons["train.patch_size"]
+
+
 def test_a_slow_cpu_keeps_more_of_a_cascade_stages_patch_and_gives_up_iterations() -> None:
     fp = make_fp([(0.7, 0.7, 1.0)] * 8, [(512, 512, 400)] * 8, hu=True, labels=_liver_and_lesions(),
                  foreground_mm=(200.0, 180.0, 200.0))  # fmt: skip
