@@ -1380,6 +1380,7 @@ def _plan_stage(
     )
     model, why_w, why_k = _model_for(fp, strides, kernels, device)
     if device == "cpu" and time_budget_s is not None:
+        image_voxels = float(np.prod(_median_shape_at(fp, spacing, crop)))
         patch, strides, kernels, step, why_fit = _fit_cpu_budget(
             patch,
             spacing,
@@ -1387,8 +1388,8 @@ def _plan_stage(
             time_budget_s,
             lambda p, st, k: timer(_model_for(fp, st, k, device)[0], tuple(p), batch),
             iterations,
-            min_coverage * float(np.prod(_median_shape_at(fp, spacing, crop))),
-            None if max_coverage is None else max_coverage * float(np.prod(_median_shape_at(fp, spacing, crop))),
+            min_coverage * image_voxels,
+            None if max_coverage is None else max_coverage * image_voxels,
         )
         model, why_w, why_k = _model_for(fp, strides, kernels, device)
         why_patch += why_fit
