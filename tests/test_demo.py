@@ -62,3 +62,41 @@ def test_scores_give_the_per_case_mean_and_the_pooled_dice(tmp_path: Path) -> No
     assert mean["liver"]["tumour"] == 0.25
     assert pooled["liver"]["tumour"] == round(2 * 3 / (12 + 2), 4)
     assert rows[1]["tumour"] == 0.0 and sum(b["present"] for b in lesions.values()) == 2
+
+
+def test_a_lesion_free_case_counts_only_when_the_prediction_holds_tumour(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from volseg.demo import _score
+
+    def save(name: str, tumour: slice) -> Path:
+        arr = np.zeros((10, 10, 10), np.uint8)
+        arr[1:9, 1:9, 1:9] = 1
+        arr[tumour, 4, 4] = 2
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
+        return path
+
+    # a: Dice 1; b: no lesion, a 2-voxel false positive (Dice 0, counted); c: no tumour on either side (not scored).
+    cases = [
+        ("liver", save("a_pred", slice(2, 6)), save("a_ref", slice(2, 6))),
+        ("liver", save("b_pred", slice(2, 4)), save("b_ref", slice(0, 0))),
+        ("liver", save("c_pred", slice(0, 0)), save("c_ref", slice(0, 0))),
+    ]
+    mean, _, _, rows = _score(cases, {"liver": 1, "tumour": 2}, lambda s: None)
+    assert mean["liver"]["tumour"] == 0.5
+    assert rows[1]["tumour"] == 0.0 and "tumour" not in rows[2]
+    assert rows[1]["lesions"] == "0/0 found, 1 false positive(s)"
+
+
+def test_the_demo_command_defaults_to_the_demos_case_counts() -> None:
+    import inspect
+
+    from volseg import cli
+    from volseg.demo import N_TEST, N_TRAIN, run_demo
+
+    command = inspect.signature(cli.demo).parameters
+    function = inspect.signature(run_demo).parameters
+    assert command["n_train"].default == function["n_train"].default == N_TRAIN == 40
+    assert command["n_test"].default == function["n_test"].default == N_TEST == 15

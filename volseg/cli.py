@@ -490,8 +490,8 @@ def demo(
     time_budget: Annotated[
         str, typer.Option("--time-budget", help="training time the plan is made for (both stages), e.g. 14m")
     ] = "14m",
-    n_train: Annotated[int, typer.Option("--n-train", help="synthetic training cases")] = 10,
-    n_test: Annotated[int, typer.Option("--n-test", help="held-out phantoms of the training generator")] = 5,
+    n_train: Annotated[int, typer.Option("--n-train", help="synthetic training cases")] = 40,
+    n_test: Annotated[int, typer.Option("--n-test", help="held-out phantoms of the training generator")] = 15,
     n_torso: Annotated[int, typer.Option("--n-torso", help="held-out phantoms of the other family (torso_ct)")] = 2,
     set_: Annotated[list[str] | None, typer.Option("--set", help="recipe override")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
