@@ -39,20 +39,26 @@ def test_demo_scores_both_families_and_writes_a_picture_per_case(tmp_path: Path,
     assert find_latest_run().resolve() == (out / "run").resolve()
 
 
-def test_scores_give_the_per_case_mean_and_the_pooled_dice(tmp_path: Path) -> None:
+def _liver_with_tumour(folder: Path):
+    """A writer of 10^3 label volumes: a liver cube with a tumour line of ``tumour`` along axis 0."""
     import nibabel as nib
     import numpy as np
-
-    from volseg.demo import _score
 
     def save(name: str, tumour: slice) -> Path:
         arr = np.zeros((10, 10, 10), np.uint8)
         arr[1:9, 1:9, 1:9] = 1
         arr[tumour, 4, 4] = 2
-        path = tmp_path / f"{name}.nii.gz"
+        path = folder / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
         return path
 
+    return save
+
+
+def test_scores_give_the_per_case_mean_and_the_pooled_dice(tmp_path: Path) -> None:
+    from volseg.demo import _score
+
+    save = _liver_with_tumour(tmp_path)
     # Case a: 6 tumour voxels each side, 3 shared (Dice 0.5); case b: a 2-voxel lesion missed (Dice 0).
     cases = [
         ("liver", save("a_pred", slice(1, 7)), save("a_ref", slice(4, 10))),
@@ -65,19 +71,9 @@ def test_scores_give_the_per_case_mean_and_the_pooled_dice(tmp_path: Path) -> No
 
 
 def test_a_lesion_free_case_counts_only_when_the_prediction_holds_tumour(tmp_path: Path) -> None:
-    import nibabel as nib
-    import numpy as np
-
     from volseg.demo import _score
 
-    def save(name: str, tumour: slice) -> Path:
-        arr = np.zeros((10, 10, 10), np.uint8)
-        arr[1:9, 1:9, 1:9] = 1
-        arr[tumour, 4, 4] = 2
-        path = tmp_path / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
-        return path
-
+    save = _liver_with_tumour(tmp_path)
     # a: Dice 1; b: no lesion, a 2-voxel false positive (Dice 0, counted); c: no tumour on either side (not scored).
     cases = [
         ("liver", save("a_pred", slice(2, 6)), save("a_ref", slice(2, 6))),
